@@ -1,0 +1,32 @@
+"""``unfreeze``: train existing backbone parameters — BitFit (``bias``) and full fine-tuning (``all``).
+
+Nothing is added to the model, so nothing needs merging: the trained weights are the model.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from surgeon.methods.base import Method, PatchContext, register
+
+
+def selected_parameters(module: nn.Module, what: str) -> list[nn.Parameter]:
+    """The module's own parameters (recursively) that ``unfreeze: what`` trains."""
+    return [p for n, p in module.named_parameters() if what == "all" or n.rsplit(".", 1)[-1] == "bias"]
+
+
+@register
+class Unfreeze(Method):
+    key = "unfreeze"
+
+    def display_name(self, rule: dict) -> str:
+        return {"bias": "bitfit", "all": "full"}[rule["unfreeze"]]
+
+    def cannot_patch(self, name: str, module: nn.Module, rule: dict) -> str | None:
+        if not selected_parameters(module, rule["unfreeze"]):
+            return "has no bias" if rule["unfreeze"] == "bias" else "has no parameters"
+        return None
+
+    def patch(self, name: str, module: nn.Module, ctx: PatchContext) -> nn.Module:
+        for p in selected_parameters(module, ctx.rule["unfreeze"]):
+            p.requires_grad_(True)
+        return module

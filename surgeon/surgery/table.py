@@ -1,0 +1,43 @@
+"""The plan table: what each selector matched, per module its method and parameters, totals."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .driver import SurgeryPlan
+
+
+def millions(n: int) -> str:
+    """Parameter count in millions with the papers' two decimals (e.g. ``1.19M``)."""
+    return f"{n / 1e6:.2f}M"
+
+
+def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
+    """Rich tables: one row per selector, one per patched module, and the totals."""
+    matches = Table(title=f"{title} — selectors" if title else "selectors", title_justify="left")
+    for col in ("rule", "selector", "method", "matched"):
+        matches.add_column(col, justify="right" if col in ("rule", "matched") else "left")
+    for m in plan.matches:
+        matches.add_row(str(m["rule"]), m["selector"], m["method"], str(m["count"]))
+
+    targets = Table(title="patched modules", title_justify="left")
+    for col in ("module", "method", "params", "detail"):
+        targets.add_column(col, justify="right" if col == "params" else "left")
+    for t in plan.targets:
+        targets.add_row(t.module or "(whole model)", t.method, f"{t.params:,}", t.detail)
+
+    totals = Table(title="totals", title_justify="left")
+    totals.add_column("what")
+    totals.add_column("params", justify="right")
+    totals.add_column("M", justify="right")
+    rows = [("backbone (no head)", plan.backbone_params), ("extra = Params (M), head excluded", plan.extra_params),
+            ("head", plan.head_params), ("trainable (optimizer)", plan.trainable_params)]
+    for label, n in rows:
+        totals.add_row(label, f"{n:,}", millions(n))
+    totals.add_row("extra, % of backbone", f"{100 * plan.extra_params / max(plan.backbone_params, 1):.3f}%", "")
+    return [matches, targets, totals] if plan.targets else [matches, totals]
+
+
+def print_plan(plan: SurgeryPlan, console: Console, *, title: str = "") -> None:
+    for table in plan_tables(plan, title=title):
+        console.print(table)
