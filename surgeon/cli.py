@@ -119,7 +119,8 @@ def cp(name: str = typer.Argument(..., help="Built-in recipe name (see `surgeon 
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user mistakes exit 2 with a message, bugs exit 1 with a report link."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: click returns a command's typer.Exit code instead of exiting
+        code = app(args=argv, standalone_mode=False)
     except (UserError, RecipeError) as exc:
         err.print(str(exc) if isinstance(exc, RecipeError) else f"error: {exc}", markup=False)
         sys.exit(2)
@@ -142,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input. "
                   f"Please report it with the command you ran and the traceback above: {REPORT_URL}")
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ later check can point the user at the exact line. Nothing here knows the schema.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,17 @@ MAX_NODES = 20_000
 MAX_EXTENDS_DEPTH = 16
 
 Path_ = tuple  # a field path such as ("surgery", 0, "adapter", "bottleneck")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2), as users write learning rates."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 @dataclass
@@ -57,7 +69,7 @@ class _Builder:
         self.file = file
         self.count = 0
         self.origin: dict[Path_, str] = {}
-        self._scalar = yaml.SafeLoader("")  # only its scalar constructors are used
+        self._scalar = RecipeLoader("")  # only its scalar constructors are used
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.count += 1
@@ -93,7 +105,7 @@ def parse_yaml_text(text: str, file: str) -> tuple[Any, dict[Path_, str]]:
         UserError: not YAML, several documents, or too large an expansion.
     """
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=RecipeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
@@ -225,7 +237,7 @@ def parse_override(text: str) -> tuple[str, Path_, Any]:
         key, raw = text.split("=", 1)
         op = "set"
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise UserError(f"bad --set '{text}': the value is not valid YAML ({getattr(exc, 'problem', exc)})",
                             hint="quote strings that contain ':' or '#', e.g. --set name='\"a: b\"'") from None
