@@ -31,3 +31,17 @@ def schema_path() -> Path:
 def recipe_schema() -> dict:
     """The recipe JSON Schema (draft 2020-12) as a dict."""
     return json.loads(schema_path().read_text())
+
+
+def suites_dir() -> Path:
+    """Folder holding the built-in suite files (``suites/*.yaml``)."""
+    return _PACKAGE / "_suites"
+
+
+def builtin_suite(ref: str) -> Path:
+    """A suite file path, or a built-in suite name (``demo``, ``cpu_repro``, ``vtab1k``)."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    candidate = suites_dir() / f"{ref.removesuffix('.yaml')}.yaml"
+    return candidate if candidate.exists() else path

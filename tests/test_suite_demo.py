@@ -1,0 +1,57 @@
+"""Suites (grid, resumable, one report) and the demo main job."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgeon.errors import UserError
+from surgeon.resources import builtin_suite
+from surgeon.suite import cell_finished, load_suite, suite_cells
+
+
+def test_builtin_suites_load_and_expand(tmp_path):
+    suite = load_suite(builtin_suite("cpu_repro"))
+    cells = suite_cells(suite, tmp_path)
+    assert len(cells) == len(suite["recipes"]) * len(suite["datasets"]) * len(suite["seeds"])
+    # seed-major order: the first seed's grid is complete before the next seed starts
+    first = cells[: len(suite["recipes"]) * len(suite["datasets"])]
+    assert {c.seed for c in first} == {suite["seeds"][0]}
+    assert len({c.run_dir for c in cells}) == len(cells)
+    assert any(o.startswith("model.pretrained=") for o in cells[0].overrides)
+    vtab = suite_cells(load_suite(builtin_suite("vtab1k"), ["data_root=/data/v"]), tmp_path)
+    assert 'data.source="vtab1k:/data/v/cifar"' in vtab[0].overrides
+
+
+def test_every_cell_recipe_is_valid(tmp_path):
+    from surgeon.recipe import load_recipe
+
+    for name in ("demo", "cpu_repro"):
+        for cell in suite_cells(load_suite(builtin_suite(name)), tmp_path):
+            load_recipe(cell.recipe, cell.overrides)
+
+
+def test_bad_suite_is_a_user_error(write):
+    with pytest.raises(UserError, match="recipes"):
+        load_suite(write("s.yaml", "name: s\ndatasets: [builtin:digits]\n"))
+    with pytest.raises(UserError, match="data_root"):
+        suite_cells(load_suite(write("t.yaml", "name: s\nrecipes: [linear]\ndatasets: [cifar]\n")), write("x", "").parent)
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(cli, tmp_path):
+    """`surgeon demo --quick`: both runs finish, merge, report, the summary is printed; a rerun reuses them."""
+    out = tmp_path / "demo"
+    res = cli("demo", "--quick", "--out", out)
+    assert res.code == 0, res
+    assert "mosa_hier" in res.out and "adaptformer" in res.out and "Params (M)" in res.out
+    cells = suite_cells(load_suite(builtin_suite("demo"), ["set.train.epochs=1"]), out)
+    for cell in cells:
+        assert cell_finished(cell.run_dir)
+        assert (cell.run_dir / "report.md").is_file() and (cell.run_dir / "merged").is_dir()
+        summary = json.loads((cell.run_dir / "summary.json").read_text())
+        assert summary["steps"] == 3
+    assert (out / "report" / "comparison.md").is_file()
+    mtime = (cells[0].run_dir / "summary.json").stat().st_mtime
+    res = cli("demo", "--quick", "--out", out)
+    assert res.code == 0 and (cells[0].run_dir / "summary.json").stat().st_mtime == mtime
