@@ -176,6 +176,22 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def ablation_table(suite: dict, ablation: dict):
+    """MoSA Table 6 layout: rows = (recipe, inference mechanism), columns = tasks, mean ± std."""
+    from surgeon.report.tables import Table
+
+    datasets = [_short(d) for d in suite["datasets"]]
+    table = Table(columns=["recipe", "inference", *datasets, "mean"], align=["l", "l"] + ["r"] * (len(datasets) + 1),
+                  title="Inference mechanisms (MoSA Table 6): test top-1 (%), mean ± std over seeds")
+    for recipe in suite.get("inference_ablation") or []:
+        for mode in ABLATION_MODES:
+            cols = [ablation.get((recipe, mode, d), []) for d in datasets]
+            means = [statistics.mean(c) for c in cols if c]
+            table.rows.append([recipe, mode, *(_mean_std(c) for c in cols),
+                               f"{statistics.mean(means):.1f}" if len(means) == len(cols) else "—"])
+    return table
+
+
 def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Console) -> Path:
     """The comparison report of the finished cells (+ the inference ablation table)."""
     from surgeon.report import compare_runs
@@ -183,21 +199,8 @@ def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Cons
     finished = [c.run_dir for c in cells if cell_finished(c.run_dir)]
     if not finished:
         raise UserError(f"no finished runs under {root}", hint="run the suite first")
-    md = compare_runs(finished, root / "report")
     ablation = _ablation(cells, suite.get("inference_ablation") or [], console)
-    if ablation:
-        datasets = [_short(d) for d in suite["datasets"]]
-        lines = ["", "## Inference mechanisms (MoSA Table 6)", "",
-                 "Top-1 (%) on each run's test split, mean ± std over seeds, by inference mechanism.", "",
-                 "| recipe | inference | " + " | ".join(datasets) + " | mean |",
-                 "|---|---|" + "---|" * (len(datasets) + 1)]
-        for recipe in suite.get("inference_ablation") or []:
-            for mode in ABLATION_MODES:
-                cols = [ablation.get((recipe, mode, d), []) for d in datasets]
-                means = [statistics.mean(c) for c in cols if c]
-                mean = f" | {statistics.mean(means):.1f} |" if means else " | — |"
-                lines.append(f"| {recipe} | {mode} | " + " | ".join(_mean_std(c) for c in cols) + mean)
-        with md.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
+    extra = [ablation_table(suite, ablation)] if ablation else []
+    md = compare_runs(finished, root / "report", title=f"Suite {suite['name']}", extra_blocks=extra)
     console.print(f"report: {md}", markup=False)
     return md

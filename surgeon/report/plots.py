@@ -1,0 +1,268 @@
+"""PNG plots for reports (matplotlib, Agg canvas, no pyplot global state).
+
+Figures are built with :class:`matplotlib.figure.Figure` and drawn on an explicit Agg canvas:
+reports are written at the end of training, possibly inside another program's process, and
+must neither need a display nor change the process-wide pyplot backend.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # imported for annotations only; avoids a cycle at import time
+    from .compare import Comparison
+    from .runs import RunData
+
+DPI = 100
+#: Confusion matrices print per-cell percentages up to this many classes; beyond, cells are too small.
+ANNOTATE_MAX_CLASSES = 20
+#: Class names as tick labels up to this many classes; beyond, every k-th index only.
+NAMED_TICKS_MAX_CLASSES = 40
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    # Every figure uses the constrained layout, so no bbox_inches="tight" (a second full draw).
+    # No software metadata: the same run gives byte-identical plots.
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def _smooth(y: np.ndarray) -> np.ndarray | None:
+    """Bias-corrected exponential moving average for noisy per-step losses (None if few points).
+
+    The window grows with the number of points so a 50-step and a 50,000-step run both show a
+    readable trend; NaNs (skipped non-finite steps) do not poison the average.
+    """
+    n = len(y)
+    if n < 40:
+        return None
+    beta = 1.0 - 1.0 / max(2.0, n / 25.0)
+    out = np.empty(n)
+    avg, weight = 0.0, 0.0
+    for i, v in enumerate(y):
+        if np.isfinite(v):
+            avg = beta * avg + (1 - beta) * v
+            weight = beta * weight + (1 - beta)
+        out[i] = avg / weight if weight > 0 else np.nan
+    return out
+
+
+def _series(events: list[dict], key: str, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(e["step"], e[key]) for e in events
+           if isinstance(e.get("step"), (int, float)) and isinstance(e.get(key), (int, float))
+           and not isinstance(e.get(key), bool)]
+    if not pts:
+        return np.array([]), np.array([])
+    steps, values = zip(*pts)
+    return np.asarray(steps, float), np.asarray(values, float) * scale
+
+
+def training_curves(run: "RunData", path: Path) -> Path | None:
+    """Loss, val top-1 and learning rate against the optimizer step, side by side.
+
+    Returns:
+        the PNG path, or None when the run logged neither train nor eval events.
+    """
+    if not run.train and not run.evals:
+        return None
+    fig = Figure(figsize=(14, 4.0), layout="constrained")
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+
+    steps, loss = _series(run.train, "loss")
+    smooth = _smooth(loss)
+    if len(steps):
+        ax_loss.plot(steps, loss, color="C0", lw=0.8, alpha=0.35 if smooth is not None else 1.0,
+                     label="train loss")
+        if smooth is not None:
+            ax_loss.plot(steps, smooth, color="C0", lw=1.6, label="train loss (EMA)")
+    for key, color in (("ce", "C2"), ("consistency", "C3"), ("alignment", "C4")):
+        s, v = _series(run.train, key)
+        # The components only add information when a regulariser is on (else ce == loss).
+        if len(s) and key != "ce" and np.nanmax(np.abs(v)) > 0:
+            ax_loss.plot(s, _smooth(v) if _smooth(v) is not None else v, color=color, lw=1.0, label=key)
+    val_events = [e for e in run.evals if e.get("split") == "val"]
+    s, v = _series(val_events, "loss")
+    if len(s):
+        ax_loss.plot(s, v, "o-", color="C1", ms=3, lw=1.0, label="val loss")
+    bad = [e["step"] for e in run.nonfinite if isinstance(e.get("step"), (int, float))][:200]
+    for i, step in enumerate(bad):
+        ax_loss.axvline(step, color="red", lw=0.6, alpha=0.5, label="non-finite step" if i == 0 else None)
+    ax_loss.set_title("loss")
+
+    s, v = _series(val_events, "top1", run.top1_scale)
+    if len(s):
+        ax_acc.plot(s, v, "o-", color="C1", ms=3, lw=1.2, label="val top-1")
+    best, best_step = run.best_val
+    if best is not None and isinstance(best_step, (int, float)):
+        ax_acc.plot([best_step], [best], "*", color="C3", ms=12, label=f"best val {best:.2f}")
+    s, v = _series([e for e in run.evals if e.get("split") == "test"], "top1", run.top1_scale)
+    if len(s):
+        ax_acc.plot(s, v, "s", color="C2", ms=5, label="test top-1")
+    ax_acc.set_title("top-1 (%)")
+
+    s, v = _series(run.train, "lr")
+    if len(s):
+        ax_lr.plot(s, v, color="C5", lw=1.2)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_lr.set_title("learning rate")
+
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(f"{run.name}: training" + ("" if run.finished else " (run did not finish)"), fontsize=11)
+    return _save(fig, path)
+
+
+def confusion_counts(labels: list[int], preds: list[int], num_classes: int) -> np.ndarray:
+    """Counts ``C[true, predicted]``."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels, int), np.asarray(preds, int)), 1)
+    return cm
+
+
+def confusion_figure(labels: list[int], preds: list[int], class_names: list[str] | None,
+                     title: str = "") -> Figure:
+    """Row-normalised confusion matrix (each true class sums to 1), readable up to ~100 classes.
+
+    Per-cell percentages are printed up to :data:`ANNOTATE_MAX_CLASSES` classes and class
+    names used as ticks up to :data:`NAMED_TICKS_MAX_CLASSES`; past that the colour carries the
+    information and ticks show every k-th class index.
+    """
+    names = list(class_names or [])
+    k = max(len(names), max(labels + preds, default=-1) + 1, 1)
+    names += [str(i) for i in range(len(names), k)]
+    cm = confusion_counts(labels, preds, k).astype(float)
+    support = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(support > 0, cm / np.maximum(support, 1), np.nan)  # NaN row: class absent
+
+    side = min(4.0 + 0.32 * k, 14.0)
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    if k <= ANNOTATE_MAX_CLASSES:
+        for i in range(k):
+            for j in range(k):
+                if np.isfinite(norm[i, j]) and cm[i, j] > 0:
+                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    if k <= NAMED_TICKS_MAX_CLASSES:
+        ticks = np.arange(k)
+        # Elide the middle: class names often share a prefix and differ at the end.
+        short = [n if len(n) <= 16 else n[:7] + "…" + n[-8:] for n in names]
+        ax.set_xticks(ticks, short, rotation=90, fontsize=8)
+        ax.set_yticks(ticks, short, fontsize=8)
+    else:
+        every = math.ceil(k / 20)
+        ticks = np.arange(0, k, every)
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    acc = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title((title + "\n" if title else "") + f"top-1 {100 * acc:.2f}% on {int(cm.sum())} images",
+                 fontsize=10)
+    return fig
+
+
+def confusion_matrix(labels: list[int], preds: list[int], class_names: list[str] | None, path: Path,
+                     title: str = "") -> Path:
+    """:func:`confusion_figure` saved as a PNG at ``path``."""
+    return _save(confusion_figure(labels, preds, class_names, title), path)
+
+
+def similarity_plot(per_layer: list[tuple[str, float]], matrix: np.ndarray | None, path: Path,
+                    title: str = "", matrix_title: str = "") -> Path | None:
+    """Expert similarity (MLAE paper Figs. 4-5): per-layer mean cosine similarity as bars and the
+    expert × expert similarity matrix as a heatmap. None when there is nothing to draw."""
+    panels = int(bool(per_layer)) + int(matrix is not None)
+    if not panels:
+        return None
+    fig = Figure(figsize=(6.0 * panels, 4.6), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(1, panels)))
+    if per_layer:
+        ax = axes.pop(0)
+        labels, values = zip(*per_layer)
+        ax.bar(range(len(values)), values, color="C0")
+        ax.set_xticks(range(len(values)), labels, rotation=90 if len(values) > 6 else 0, fontsize=8)
+        ax.axhline(float(np.mean(values)), color="C3", lw=1, ls="--", label=f"mean {np.mean(values):.3f}")
+        ax.set_ylabel("mean pairwise cosine similarity")
+        ax.set_title("per layer")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    if matrix is not None:
+        ax = axes.pop(0)
+        im = ax.imshow(matrix, cmap="coolwarm", vmin=-1.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
+        n = matrix.shape[0]
+        ticks = np.arange(0, n, 1 if n <= 16 else math.ceil(n / 16))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=8)
+        if n <= 16:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(matrix[i, j]) > 0.6 else "black")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("expert")
+        ax.set_title(matrix_title or "similarity matrix")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def comparison_bars(comparison: "Comparison", path: Path) -> Path | None:
+    """Grouped bars: one group per data set (and the Mean), one bar per method, ± std whiskers."""
+    groups = list(comparison.datasets)
+    has_mean = any(v is not None for v in comparison.row_mean.values())
+    if has_mean and len(groups) > 1:
+        groups.append("Mean")
+    methods = comparison.methods
+    if not groups or not methods:
+        return None
+    width = 0.8 / len(methods)
+    fig = Figure(figsize=(max(6.0, 1.2 + len(groups) * (0.35 + 0.22 * len(methods))), 4.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, method in enumerate(methods):
+        means, stds = [], []
+        for g in groups:
+            if g == "Mean":
+                mean = comparison.row_mean.get(method)
+                means.append(np.nan if mean is None else mean)
+                stds.append(np.nan)
+                continue
+            cell = comparison.cells.get((method, g))
+            means.append(np.nan if cell is None or cell.mean is None else cell.mean)
+            stds.append(np.nan if cell is None or cell.std is None else cell.std)
+        pos = x - 0.4 + width * (i + 0.5)
+        bars = ax.bar(pos, means, width, label=method, color=f"C{i % 10}")
+        has_std = ~np.isnan(stds)
+        # Whiskers only where there are several seeds: a zero-length whisker would claim no spread.
+        if has_std.any():
+            ax.errorbar(pos[has_std], np.asarray(means)[has_std], yerr=np.asarray(stds)[has_std], fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=2)
+        if len(groups) * len(methods) <= 30:
+            # Inside the bar, so the label never collides with a whisker above it.
+            ax.bar_label(bars, labels=["" if np.isnan(m) else f"{m:.1f}" for m in means], label_type="center",
+                         fontsize=7, color="white", rotation=90)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncols=1 if len(methods) <= 6 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("top-1 by method and data set (mean ± sample std over seeds)", fontsize=10)
+    return _save(fig, path)
