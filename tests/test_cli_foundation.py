@@ -139,3 +139,13 @@ def test_console_script_exit_codes(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "must be a mapping" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("order", [("adapter", "lora"), ("lora", "adapter")])
+def test_rules_compose_in_either_order(order):
+    """A LoRA inside an MLP that an adapter wraps takes effect whichever rule comes first."""
+    rules = {"adapter": {"target": "**.blocks.*.mlp", "adapter": {"bottleneck": 4}},
+             "lora": {"target": "**.blocks.*.mlp.fc1", "lora": {"rank": 2}}}
+    model = surgeon.build_model({"name": "x", "model": TINY_VIT, "surgery": [rules[k] for k in order]}, weights=False)
+    assert sorted({t.method for t in model.surgeon_plan.targets}) == ["adapter", "lora"]
+    assert model.surgeon_plan.extra_params > 0

@@ -151,11 +151,7 @@ def _import_builtin_methods() -> None:
     # Import the method packages for their @register side effect (no-op once imported).
     from surgeon import methods  # noqa: F401
     for pkg in ("adapter", "lora", "mlae", "unfreeze"):
-        try:
-            __import__(f"surgeon.methods.{pkg}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"surgeon.methods.{pkg}":
-                raise
+        __import__(f"surgeon.methods.{pkg}")
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}

@@ -175,8 +175,10 @@ def apply_surgery(model: nn.Module, rules: list[dict], *, seed: int = 0,
                 problems.append((locate(("surgery", i)), f"surgery.{i}", f"{mod_name}: {exc}", None))
                 break
             if replacement is not target_module:
+                # The original parent, even if an earlier rule wrapped it: a wrapper holds the
+                # original as its base_layer, which is where this child is still called from.
                 parent, attr = parents[id(module)]
-                setattr(current.get(id(parent), parent), attr, replacement)
+                setattr(parent, attr, replacement)
                 current[id(module)] = replacement
             if isinstance(replacement, SurgeryLayer) and replacement is not target_module:
                 patched.append((i, mod_name, replacement))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .driver import SurgeryPlan
@@ -18,13 +19,13 @@ def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
     for col in ("rule", "selector", "method", "matched"):
         matches.add_column(col, justify="right" if col in ("rule", "matched") else "left")
     for m in plan.matches:
-        matches.add_row(str(m["rule"]), m["selector"], m["method"], str(m["count"]))
+        matches.add_row(str(m["rule"]), escape(m["selector"]), m["method"], str(m["count"]))
 
     targets = Table(title="patched modules", title_justify="left")
     for col in ("module", "method", "params", "detail"):
         targets.add_column(col, justify="right" if col == "params" else "left")
     for t in plan.targets:
-        targets.add_row(t.module or "(whole model)", t.method, f"{t.params:,}", t.detail)
+        targets.add_row(escape(t.module) or "(whole model)", t.method, f"{t.params:,}", escape(t.detail))
 
     totals = Table(title="totals", title_justify="left")
     totals.add_column("what")

@@ -1,0 +1,79 @@
+"""``adapter``: bottleneck adapters — AdaptFormer, Pfeiffer, Houlsby — and, composed onto them,
+MoSA (``experts``: expert-split matrices) and SparseAdapter (``prune``: pruned matrices).
+
+A rule ``{target, adapter: {...}, experts?: {...}, prune?: {...}}`` wraps every matched module
+in an :class:`~surgeon.methods.adapter.layer.AdapterLayer` (METHODS.md §1–2). Merging gives a
+:class:`~surgeon.methods.adapter.layer.MergedAdapter`: one dense adapter of the original size.
+Eval-time expert control (merge / stochastic / fixed / ensemble) is in
+:mod:`surgeon.methods.experts`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from surgeon.methods.base import Method, PatchContext, register
+from surgeon.methods.matrices import is_expert_split, kaiming_uniform, make_matrix
+
+from .layer import AdapterLayer, MergedAdapter, module_io
+
+__all__ = ["Adapter", "AdapterLayer", "MergedAdapter", "module_io"]
+
+
+def _label(rule: dict) -> str:
+    """``4 experts (up)`` / ``keep 25% (down, up)`` / ``""`` for plan tables (no square brackets:
+    rich tables read them as markup)."""
+    if is_expert_split(rule):
+        e = rule["experts"]
+        extra = "" if e.get("granularity", "all") == "all" else f", {e['granularity']}"
+        return f"{e.get('count', 4)} experts ({', '.join(e.get('sparse', ['up']))}){extra}"
+    if rule.get("prune") is not None:
+        p = rule["prune"]
+        return f"keep {p.get('keep', 0.25):.0%} ({', '.join(p.get('matrices', ['down', 'up']))})"
+    return ""
+
+
+@register
+class Adapter(Method):
+    key = "adapter"
+
+    def display_name(self, rule: dict) -> str:
+        if is_expert_split(rule):
+            return "mosa"
+        if rule.get("prune") is not None:
+            return "sparse_adapter"
+        return "adapter"
+
+    def cannot_patch(self, name: str, module: nn.Module, rule: dict) -> str | None:
+        if module_io(module) is None:
+            return f"is a {type(module).__name__} with no Linear or Conv2d layer to size the adapter from"
+        return None
+
+    def patch(self, name: str, module: nn.Module, ctx: PatchContext) -> nn.Module:
+        rule, cfg = ctx.rule, ctx.rule["adapter"]
+        if isinstance(module, AdapterLayer | MergedAdapter):
+            raise ValueError("already has an adapter from an earlier rule; give each module one adapter rule")
+        in_features, out_features, channel_dim = module_io(module)
+        if cfg.get("placement", "parallel") == "sequential":
+            in_features = out_features  # the adapter reads the module's output
+        bottleneck = int(cfg.get("bottleneck", 64))
+        ref = next((p for p in module.parameters() if p.is_floating_point()), None)
+        device, dtype = (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
+
+        # Dense init on CPU from the seeded generator (reproducible, also for meta-device plans),
+        # then moved: W_down kaiming-uniform(a=√5) with bias 0, W_up and its bias 0 (METHODS.md §1),
+        # so training starts at the backbone's function. For MoSA these are the frozen W0.
+        down_w = kaiming_uniform(bottleneck, in_features, ctx.init_generator).to(device, dtype)
+        down_b = torch.zeros(bottleneck, device=device, dtype=dtype)
+        up_w = torch.zeros(out_features, bottleneck, device=device, dtype=dtype)
+        up_b = torch.zeros(out_features, device=device, dtype=dtype)
+        down = make_matrix(down_w, "down", rule, ctx, init_bias=down_b)
+        up = make_matrix(up_w, "up", rule, ctx, init_bias=up_b)
+        layer = AdapterLayer(module, down, up, placement=cfg.get("placement", "parallel"),
+                             activation=cfg.get("activation", "gelu"), layernorm=bool(cfg.get("layernorm", False)),
+                             scale=float(cfg.get("scale", 0.1)), learnable_scale=bool(cfg.get("learnable_scale", False)),
+                             channel_dim=channel_dim, module_name=name, label=_label(rule))
+        layer.norm.to(device=device, dtype=dtype)
+        if isinstance(layer.scale, nn.Parameter):
+            layer.scale.data = layer.scale.data.to(device=device, dtype=dtype)
+        return layer

@@ -1,0 +1,405 @@
+"""Adapter family (AdaptFormer, Pfeiffer, Houlsby, MoSA hier/flat, SparseAdapter) on tiny backbones.
+
+One table of (shipped recipe x tiny backbone family) through shared checks: the patch takes
+effect, parameters are counted the papers' way, merged == unmerged in eval. Then focused
+tests: merge modes, save/load of merged adapters, seeded draws, inference mechanisms,
+pruning under AdamW, bf16 merge, NaN refusal, user errors, and the papers' "Params (M)".
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+
+import surgeon
+from surgeon.backbone import create_backbone
+from surgeon.errors import RecipeError, UserError
+from surgeon.methods.adapter import AdapterLayer, MergedAdapter
+from surgeon.methods.experts import (ensemble_logits, expert_count, expert_groups, inference, predict, set_inference,
+                                     split_matrices)
+from surgeon.surgery import apply_surgery
+
+from .conftest import ROOT
+
+warnings.filterwarnings("ignore", message=".*pretrained is false.*")
+
+# Tiny configurations of the six families; `mlp`/`attn` list the channel width of every block
+# (one entry per matched module) for the independent parameter count below.
+_CONVNEXT = {"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64], "ls_init_value": 1.0,  # layer scale 1: adapters visible
+             "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}
+FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, [192, 192], [192, 192]),
+    "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1}, [192], [192]),
+    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 4, "window_size": 4, "depths": [1, 1],
+                                              "num_heads": [1, 2], "embed_dim": 32}, [32, 64], [32, 64]),
+    "convnext_conv": ("convnext_atto", _CONVNEXT, [16, 32, 48, 64], []),                        # NCHW 1x1-conv MLPs
+    "convnext_linear": ("convnext_atto", {**_CONVNEXT, "conv_mlp": False}, [16, 32, 48, 64], []),  # NHWC Linear MLPs
+    "eva": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, [192, 192], [192, 192]),
+    "beit": ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
+             [64, 64], [64, 64]),
+}
+RECIPES = ["adaptformer", "pfeiffer", "houlsby", "mosa_hier", "mosa_flat", "sparse_adapter"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threading costs more than it saves (3x on the shared 2-core machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(recipe: str, family: str, **overrides) -> surgeon.Recipe:
+    name, kwargs, _, _ = FAMILIES[family]
+    return surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml",
+                               overrides={"model.name": name, "model.pretrained": False, "model.kwargs": kwargs,
+                                          "model.num_classes": 5, **overrides})
+
+
+def build(recipe: str, family: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)  # the backbone's random init
+    return surgeon.build_model(load(recipe, family, **overrides), weights=False)
+
+
+def images(model, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    size = timm.data.resolve_input_data_config(model)["input_size"]
+    return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def adapters(model) -> list[AdapterLayer]:
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
+@torch.no_grad()
+def perturb(model, seed: int = 0, up_only: bool = False) -> None:
+    """Non-trivial adapter weights: every trainable adapter tensor (or only the up side) gets noise."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in adapters(model):
+        base = {id(p) for p in layer.base_layer.parameters()}
+        for name, p in layer.named_parameters():
+            if id(p) in base or (up_only and not name.startswith("up.")):
+                continue
+            p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def expected_params(recipe: str, family: str) -> int:
+    """The papers' count, computed independently of the code under test."""
+    _, _, mlp, attn = FAMILIES[family]
+    widths = mlp + (attn if recipe == "houlsby" else [])
+    b = 64
+    total = 0
+    for c in widths:
+        tensors = [b * c, b, c * b, c]  # down.weight, down.bias, up.weight, up.bias
+        if recipe == "sparse_adapter":
+            total += sum(max(1, round(0.25 * n)) for n in tensors)
+        else:
+            total += sum(tensors) + (2 * c if recipe == "pfeiffer" else 0)  # Pfeiffer's LayerNorm
+    return total
+
+
+# ----------------------------------------------------------------------------- the table
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_on_family(recipe, family):
+    model = build(recipe, family)
+    plan = model.surgeon_plan
+    layers = adapters(model)
+    _, _, mlp, attn = FAMILIES[family]
+    assert len(layers) == len(mlp) + (len(attn) if recipe == "houlsby" else 0)
+    assert plan.extra_params == expected_params(recipe, family)
+    shown = {"mosa_hier": "mosa", "mosa_flat": "mosa", "sparse_adapter": "sparse_adapter"}.get(recipe, "adapter")
+    assert {t.method for t in plan.targets} == {shown}
+    assert {l.channel_dim for l in layers} == {1 if family == "convnext_conv" else -1}  # NCHW conv MLPs: 1x1 convs
+    # Only adapter tensors (and the head) train.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".down." in n or ".up." in n or ".norm." in n or n.startswith("head") for n in trainable), trainable
+
+    x = images(model)
+    model.eval()
+    with torch.no_grad():
+        y0 = model(x)
+        perturb(model, up_only=True)  # the zero-initialised side: any effect proves the patch runs
+        y1 = model(x)
+        assert rel_err(y1, y0) > 1e-3
+        perturb(model, seed=1)
+        y_unmerged = model(x)
+        surgeon.merge(model)
+        y_merged = model(x)
+    assert not adapters(model) and not split_matrices(model)
+    assert all(isinstance(m, MergedAdapter) for m in model.modules() if type(m).__name__.endswith("Adapter"))
+    assert torch.isfinite(y_merged).all()
+    assert rel_err(y_merged, y_unmerged) < 1e-5
+
+
+def test_layout_is_read_from_the_module():
+    conv = build("adaptformer", "convnext_conv")
+    linear = build("adaptformer", "convnext_linear")
+    vit = build("adaptformer", "vit")
+    assert {l.channel_dim for l in adapters(conv)} == {1}      # Conv2d fc1: NCHW, 1x1-conv adapter
+    assert {l.channel_dim for l in adapters(linear)} == {-1}   # Linear fc1 on NHWC
+    assert {l.channel_dim for l in adapters(vit)} == {-1}
+    # A whole ConvNeXt block (conv_dw first) is NCHW in and out even with a Linear MLP inside.
+    block = build("adaptformer", "convnext_linear", **{"surgery.0.target": "stages.*.blocks.*"})
+    assert {l.channel_dim for l in adapters(block)} == {1}
+
+
+@pytest.mark.parametrize("recipe,family", [("adaptformer", "vit"), ("houlsby", "eva"), ("pfeiffer", "swin"),
+                                           ("mosa_flat", "convnext_conv"), ("sparse_adapter", "beit")])
+def test_zero_init_starts_at_the_backbone_function(recipe, family):
+    model = build(recipe, family, seed=7)
+    name, kwargs, _, _ = FAMILIES[family]
+    torch.manual_seed(7)
+    plain = create_backbone({"name": name, "kwargs": kwargs, "pretrained": False}, num_classes=5, weights=False)
+    x = images(model)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    model.train()  # MoSA draws in training mode: at init every expert is W0, still the backbone
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain.train()(x))
+
+
+# ----------------------------------------------------------------------------- merge
+
+def test_jigsaw_merge_equals_eval_with_jigsaw_weights():
+    model = build("mosa_flat", "vit")
+    perturb(model)
+    x = images(model)
+    model.eval()
+    with torch.no_grad(), inference(model, "merge", merge_mode="jigsaw"):
+        y_jig = model(x)
+    with torch.no_grad():
+        y_avg = model(x)
+        surgeon.merge(model, mode="jigsaw")
+        y_merged = model(x)
+    assert rel_err(y_merged, y_jig) < 1e-5
+    assert rel_err(y_avg, y_jig) > 1e-4  # the two modes are different functions
+
+
+def test_merged_layer_holds_the_exact_formulas():
+    model = build("mosa_flat", "vit")
+    perturb(model)
+    layer = adapters(model)[0]
+    down, up, s = layer.down, layer.up, layer.scale
+    w_down, w_up = down.weight0 + down.delta / 4, (up.weight0 + up.delta / 4) * s
+    b_up = (up.bias0 + up.bias_delta / 4) * s
+    surgeon.merge(model)
+    merged = model.blocks[0].mlp
+    assert isinstance(merged, MergedAdapter)
+    torch.testing.assert_close(merged.down.weight, w_down, rtol=0, atol=1e-7)
+    torch.testing.assert_close(merged.up.weight, w_up, rtol=0, atol=1e-7)
+    torch.testing.assert_close(merged.up.bias, b_up, rtol=0, atol=1e-7)
+    # No extra parameters at inference: the merged adapter is exactly one dense adapter.
+    assert merged.extra_params() == 2 * 192 * 64 + 64 + 192
+
+
+@pytest.mark.parametrize("recipe,family", [("mosa_hier", "vit"), ("pfeiffer", "swin"), ("sparse_adapter", "convnext_conv")])
+def test_merged_state_dict_loads_into_a_rebuilt_merged_model(recipe, family):
+    model = build(recipe, family, seed=0)
+    perturb(model)
+    surgeon.merge(model)
+    state = model.state_dict()
+    rebuilt = build(recipe, family, seed=1)  # other random backbone: everything must come from the state dict
+    surgeon.merge(rebuilt)
+    assert list(rebuilt.state_dict()) == list(state)
+    rebuilt.load_state_dict(state, strict=True)
+    x = images(model)
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+
+
+def test_bf16_model_merges_in_fp32():
+    model = build("mosa_flat", "vit").to(torch.bfloat16)
+    perturb(model)
+    layer = adapters(model)[0]
+    up = layer.up
+    with torch.no_grad():  # a non-zero W0, so the merge is a chain of ops (add, divide, fold the scale)
+        up.weight0.add_(torch.randn(up.weight0.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16))
+    expected = ((up.weight0.float() + up.delta.float() / 4) * layer.scale).to(torch.bfloat16)  # rounded once
+    naive = (up.weight0 + up.delta / 4) * layer.scale  # bf16 arithmetic rounds after every op
+    assert not torch.equal(naive, expected)  # so the check below can tell the two apart
+    surgeon.merge(model)
+    merged = model.blocks[0].mlp
+    assert merged.up.weight.dtype == torch.bfloat16
+    assert torch.equal(merged.up.weight, expected)
+    with torch.no_grad():
+        assert torch.isfinite(model(images(model).to(torch.bfloat16))).all()
+
+
+def test_nan_adapter_refuses_to_merge():
+    model = build("mosa_hier", "vit")
+    with torch.no_grad():
+        adapters(model)[1].up.delta[0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        surgeon.merge(model)
+
+
+def test_learnable_scale_counts_trains_and_folds():
+    model = build("adaptformer", "vit", **{"surgery.0.adapter.learnable_scale": True})
+    assert model.surgeon_plan.extra_params == expected_params("adaptformer", "vit") + 2
+    layer = adapters(model)[0]
+    assert layer.scale.requires_grad
+    perturb(model)
+    with torch.no_grad():
+        layer.scale.fill_(0.37)
+    x = images(model)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        surgeon.merge(model)
+        assert rel_err(model(x), y) < 1e-5
+
+
+# ----------------------------------------------------------------------------- experts at run time
+
+def test_expert_draws_reproducible_from_seed():
+    def train_outputs(seed_override=None):
+        over = {} if seed_override is None else {"train.seed": seed_override}
+        model = build("mosa_flat", "vit", **over)
+        perturb(model)
+        model.train()
+        x = images(model)
+        with torch.no_grad():
+            return [m.expert_index.clone() for m in split_matrices(model)], [model(x) for _ in range(3)]
+
+    idx_a, out_a = train_outputs()
+    idx_b, out_b = train_outputs()
+    idx_c, out_c = train_outputs(seed_override=11)
+    assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b))
+    assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
+    assert not all(torch.equal(a, c) for a, c in zip(idx_a, idx_c))
+    assert any(not torch.equal(out_a[0], o) for o in out_a[1:])  # stochastic across forwards
+
+
+def test_inference_mechanisms():
+    model = build("mosa_hier", "vit")
+    perturb(model)
+    x = images(model)
+    assert expert_count(model) == 4
+    with torch.no_grad():
+        merged = predict(model, x, "merge")
+        assert torch.equal(merged, predict(model, x, "merge"))
+        stochastic = [predict(model, x, "stochastic") for _ in range(6)]
+        assert any(not torch.equal(stochastic[0], s) for s in stochastic[1:])
+        fixed = [predict(model, x, "fixed", expert=i) for i in range(4)]
+        assert torch.equal(fixed[2], predict(model, x, "fixed", expert=2))
+        assert not torch.equal(fixed[0], fixed[1])
+        ens = ensemble_logits(model, x)
+        torch.testing.assert_close(ens, torch.stack(fixed).mean(0))
+        assert torch.equal(ens, predict(model, x, "ensemble"))
+    assert model.training  # helpers restore the caller's mode
+    assert model.surgeon_sampler.mode == "merge"  # ... and the sampler settings
+    with pytest.raises(UserError, match="0..3"):
+        set_inference(model, "fixed", expert=4)
+    with pytest.raises(UserError, match="ensemble_logits"):
+        set_inference(model, "ensemble")
+    surgeon.merge(model)
+    assert expert_count(model) is None
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble_logits(model, x), merged, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext_conv"])
+def test_batched_groups_draw_per_half(family):
+    model = build("mosa_flat", family)
+    perturb(model)
+    x = images(model)
+    model.train()
+    with torch.no_grad(), expert_groups(model, 2):
+        y = model(torch.cat([x, x]))
+    assert model.surgeon_sampler.groups == 1
+    assert y.shape[0] == 2 * x.shape[0] and torch.isfinite(y).all()
+    # Same images, independent draws per half: the halves differ (for this seed).
+    assert not torch.allclose(y[:2], y[2:])
+
+
+# ----------------------------------------------------------------------------- sparse adapter
+
+def test_sparse_adapter_pruned_entries_stay_zero_after_adamw():
+    model = build("sparse_adapter", "vit")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    x = images(model, batch=4)
+    model.train()
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    layer = adapters(model)[0]
+    for matrix in (layer.down, layer.up):
+        assert (matrix.weight[~matrix.mask] == 0).all()
+        assert (matrix.bias[~matrix.bias_mask] == 0).all()
+        assert matrix.mask.float().mean().item() == pytest.approx(0.25, abs=1e-3)
+    assert (layer.up.weight[layer.up.mask] != 0).any()  # the kept up entries trained away from zero
+
+
+# ----------------------------------------------------------------------------- user errors
+
+def test_unpatchable_module_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="cannot patch") as exc:
+        build("adaptformer", "vit", **{"surgery.0.target": "blocks.*.mlp.drop1"})
+    assert "Dropout" in str(exc.value)
+
+
+def test_experts_and_prune_in_one_rule_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="prune"):  # the static recipe check or the factory's ValueError
+        build("mosa_hier", "vit", **{"surgery.0.prune": {"keep": 0.25}})
+
+
+def test_parallel_adapter_on_shape_changing_module_is_a_user_error():
+    with pytest.raises(UserError, match="placement: sequential"):
+        build("adaptformer", "swin", **{"surgery.0.target": "layers.1.downsample"})
+
+
+def test_two_adapter_rules_on_one_module_is_a_recipe_error():
+    recipe = load("adaptformer", "vit")
+    recipe.data["surgery"] = recipe.data["surgery"] * 2
+    with pytest.raises(RecipeError, match="already has an adapter"):
+        surgeon.build_model(recipe, weights=False)
+
+
+# ----------------------------------------------------------------------------- the papers' "Params (M)"
+
+PAPER = [  # (recipe, model, overrides, paper's Params (M), where)
+    ("adaptformer", "vit_base_patch16_224", {}, 1.19, "MoSA T2 GICD"),
+    ("adaptformer", "vit_base_patch16_224", {"surgery.0.adapter.bottleneck": 16}, 0.30, "MoSA T2 VTAB, METHODS §1"),
+    ("mosa_hier", "vit_base_patch16_224", {}, 1.19, "MoSA T2 GICD"),
+    ("mosa_hier", "vit_base_patch16_224", {"surgery.0.adapter.bottleneck": 16}, 0.30, "MoSA T2 VTAB / T14"),
+    ("mosa_flat", "vit_base_patch16_224", {}, 1.19, "MoSA T4"),
+    ("sparse_adapter", "vit_base_patch16_224", {}, 0.30, "MoSA T2 GICD"),
+    ("sparse_adapter", "vit_base_patch16_224", {"surgery.0.adapter.bottleneck": 16}, 0.08, "MoSA T2 VTAB / T14"),
+    ("pfeiffer", "vit_base_patch16_224", {}, 1.21, "MoSA T12"),
+    ("houlsby", "vit_base_patch16_224", {}, 2.38, "MoSA T12"),
+    ("houlsby", "vit_base_patch16_224", {"surgery.0.prune": {"keep": 0.25}}, 0.59, "MoSA T12 SparseAdapter-Houlsby"),
+    ("adaptformer", "vit_large_patch16_224", {}, 3.17, "MoSA T10"),
+    ("mosa_hier", "vit_large_patch16_224", {}, 3.17, "MoSA T10"),
+    ("sparse_adapter", "vit_large_patch16_224", {}, 0.79, "MoSA T10"),
+    ("adaptformer", "swin_base_patch4_window7_224", {}, 1.55, "MoSA T11"),
+    ("mosa_hier", "swin_base_patch4_window7_224", {}, 1.55, "MoSA T11"),
+    ("sparse_adapter", "swin_base_patch4_window7_224", {}, 0.39, "MoSA T11"),
+]
+
+
+def test_paper_param_counts():
+    """``plan``'s extra_params on the papers' backbones, to 0.01M (meta device, no probe: shapes only)."""
+    backbones: dict[str, torch.nn.Module] = {}
+    wrong = []
+    for recipe, name, overrides, paper, where in PAPER:
+        r = surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml", overrides={"model.name": name, **overrides})
+        if name not in backbones:
+            backbones[name] = create_backbone(r["model"], weights=False, device="meta")
+        plan = apply_surgery(copy.deepcopy(backbones[name]), r["surgery"], seed=r["train"]["seed"], probe=False)
+        ours = round(plan.extra_params / 1e6, 2)
+        if abs(ours - paper) > 1e-9:
+            wrong.append(f"{recipe} {overrides} on {name}: ours {ours} vs paper {paper} ({where})")
+    assert not wrong, "\n".join(wrong)
