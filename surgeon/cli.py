@@ -85,6 +85,59 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
     print_plan(p, out, title=f"{r.name} on {r['model']['name']}")
 
 
+@app.command()
+def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or built-in name (optional with --resume)."),
+          model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
+          data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. imagefolder:PATH."),
+          out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<model>-<data>-<time>)."),
+          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory.")):
+    """Train: surgery + training + merge + report. Prints the run directory last."""
+    from surgeon.train.apply import apply_recipe
+
+    run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume, console=err)
+    out.print(str(run_dir), markup=False)
+
+
+@app.command("merge")
+def merge_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
+              mode: Optional[str] = typer.Option(None, "--mode", help="average | jigsaw (default: the recipe's eval.merge_mode).")):
+    """Merge a run into RUN/merged/ and record the merged-vs-unmerged output difference."""
+    from surgeon.merge_run import merge_run
+
+    info = merge_run(run_dir, mode=mode)
+    out.print(f"merged ({info['format']}, {info['mode']}) -> {info['path']}\n"
+              f"max |merged - unmerged| logit: {info['max_abs_diff']:.3g} (relative {info['max_rel_diff']:.3g})", markup=False)
+
+
+@app.command("eval")
+def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
+             data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluate on this data source instead."),
+             inference: Optional[str] = typer.Option(None, "--inference", help="merge | stochastic | fixed | ensemble."),
+             split: Optional[str] = typer.Option(None, "--split", help="test | val | train (default test, else val)."),
+             per_class: bool = typer.Option(False, "--per-class", help="Also print top-1 per class."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Top-1 of a trained run (merged model by default)."""
+    from surgeon.evaluate import eval_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split)
+    if as_json:
+        payload = {"run": str(run_dir), "split": split_name, "source": info["source"], "inference": res.inference,
+                   "top1": res.top1, "loss": res.loss, "n": res.n, "per_class": res.per_class}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    out.print(f"{info['recipe']} on {info['model']}, {split_name} of {info['source']} ({res.n} images, "
+              f"{res.inference} inference): top-1 {res.top1:.2f}%  loss {res.loss:.4f}", markup=False)
+    if per_class:
+        from rich.table import Table
+
+        table = Table("class", "images", "top-1 %")
+        for row in res.per_class:
+            table.add_row(row["class"], str(row["n"]), "-" if row["top1"] is None else f"{row['top1']:.2f}")
+        out.print(table)
+
+
 @app.command("ls")
 def list_recipes():
     """List the built-in recipes."""
@@ -114,6 +167,66 @@ def cp(name: str = typer.Argument(..., help="Built-in recipe name (see `surgeon 
         raise UserError(f"directory {target.parent} does not exist")
     shutil.copyfile(recipes[key], target)
     out.print(f"copied {key} -> {target}")
+
+
+@app.command()
+def report(runs: List[Path] = typer.Argument(..., metavar="RUN_DIR...",
+                                           help="Run directories (or one folder holding run directories)."),
+           out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                  help="Where a comparison goes (default: the runs' common "
+                                                       "parent's comparison/).")):
+    """One run: write RUN/report.md and report.html. Several (or --out): one comparison (md, html, csv, plot)."""
+    from surgeon import report as rp
+
+    dirs = rp.expand_run_dirs(runs)
+    if len(dirs) == 1 and out_dir is None:
+        out.print(str(rp.write_report(dirs[0])))
+        return
+    results = rp.collect_runs(dirs)
+    path = rp.write_comparison(results, out_dir if out_dir is not None else rp.default_out_dir(dirs))
+    out.print(rp.render_markdown(rp.comparison_table(results)), markup=False)
+    out.print(str(path))
+
+
+@app.command()
+def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in suite: demo, cpu_repro, vtab1k."),
+          set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                   help="Override a suite field, e.g. seeds=[0] or set.train.epochs=2."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default runs/suites/NAME)."),
+          report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells.")):
+    """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report."""
+    from surgeon.resources import builtin_suite
+    from surgeon.suite import run_suite
+
+    md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only)
+    out.print(md.read_text(), markup=False)
+    out.print(str(md), markup=False)
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the demo runs go."),
+         quick: bool = typer.Option(False, "--quick", help="A few steps only (smoke test; accuracy meaningless).")):
+    """The main job, offline: MoSA vs AdaptFormer on the built-in backbone and task, then a comparison."""
+    from surgeon.demo import run_demo
+
+    run_demo(out=out_dir, quick=quick, summary_console=out)
+
+
+@app.command("pretrain-builtin")
+def pretrain_builtin_cmd(
+        out_path: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                help="Weights file to write (default: the packaged built-in)."),
+        seed: int = typer.Option(0, help="Class seed of the formula dataset (the shipped weights use 0)."),
+        classes: int = typer.Option(100, help="Formula classes."),
+        per_class: int = typer.Option(200, help="Rendered images per class."),
+        epochs: float = typer.Option(10.0, help="Passes over the rendered set.")):
+    """Re-create the built-in formula-pretrained backbone (FractalDB-style), deterministically."""
+    from surgeon.builtin import BUILTIN_BACKBONES
+    from surgeon.builtin.pretrain import pretrain_builtin
+
+    target = out_path or Path(BUILTIN_BACKBONES["fractal_vit_tiny"]["file"])
+    pretrain_builtin(target, classes=classes, per_class=per_class, seed=seed, epochs=epochs)
+    out.print(str(target), markup=False)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,0 +1,162 @@
+"""Merge a trained run into ``RUN/merged/`` and measure what merging changed.
+
+Two artefacts, chosen by what the merge leaves behind:
+
+- **timm folder** — when every surgery folds into existing weights (LoRA, MoSL, SparseLoRA,
+  MLAE, BitFit, full, linear) the merged model's state dict has exactly the keys of a fresh
+  ``timm.create_model(name, **kwargs)``. It is written with
+  ``timm.models.save_for_hf(model, dir, safe_serialization=True)``; ``config.json`` records the
+  model args (img_size, patch_size, depth, num_classes, ...), the class names and the data
+  config, so ``timm.create_model('local-dir:RUN/merged', pretrained=True)`` rebuilds it without
+  surgeon.
+- **dense adapter** — adapters add modules timm does not have; the merged model (every MoSA
+  adapter now one dense adapter of the original size) is saved whole as
+  ``merged/model.safetensors`` with the recipe, and ``surgeon.load_run(RUN)`` rebuilds it
+  (no backbone download needed: the file holds every weight).
+
+``merged/surgeon.json`` says which (``format``), the merge mode, and the check below.
+
+The check: the unmerged model in eval mode (experts combined by the same merge formula on the
+fly) and the merged model *reloaded from disk* are run on one fixed batch (seeded normal noise,
+8 images of the model's input size); ``max_abs_diff`` is the largest absolute difference of
+their logits and ``max_rel_diff`` that divided by the largest absolute unmerged logit.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from surgeon.errors import UserError
+from surgeon.run import MetricsLog, RunPaths, load_run, load_run_recipe, read_json, write_json
+
+
+def fixed_batch(model: nn.Module, n: int = 8, seed: int = 0) -> torch.Tensor:
+    """``[n, C, H, W]`` standard-normal images of the model's input size (seeded, CPU generator)."""
+    import timm.data
+
+    size = timm.data.resolve_input_data_config(model)["input_size"]
+    g = torch.Generator().manual_seed(seed)
+    param = next(model.parameters())
+    return torch.randn(n, *size, generator=g).to(param.device)
+
+
+def is_plain_timm(model: nn.Module, recipe) -> bool:
+    """True if ``model`` has exactly the state-dict keys and shapes of the timm model the recipe
+    names (so a timm folder can hold it)."""
+    import timm
+
+    from surgeon.surgery.driver import surgery_layers
+
+    if surgery_layers(model):
+        return False
+    if any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules()):
+        return False
+    kwargs = dict(recipe["model"].get("kwargs") or {})
+    kwargs["num_classes"] = model.num_classes
+    with torch.device("meta"):
+        fresh = timm.create_model(recipe["model"]["name"], **kwargs)
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    theirs = {k: v.shape for k, v in fresh.state_dict().items()}
+    return ours == theirs
+
+
+def _class_names(paths: RunPaths) -> list[str] | None:
+    if paths.summary.is_file():
+        try:
+            names = read_json(paths.summary).get("class_names")
+            if isinstance(names, list) and names:
+                return [str(n) for n in names]
+        except UserError:
+            pass
+    return None
+
+
+def merge_run(run_dir, *, mode: str | None = None, model: nn.Module | None = None, log: MetricsLog | None = None,
+              device: str = "cpu") -> dict:
+    """Merge a run's trained model into ``RUN/merged/`` (replacing an earlier merge).
+
+    Args:
+        run_dir: the run directory.
+        mode: ``average`` | ``jigsaw``; default the recipe's ``eval.merge_mode``.
+        model: the trained, unmerged model if the caller has it (the end of ``apply``); it is
+            merged in place. Default: rebuilt from the run (needs the backbone weights).
+        log: the run's open metrics log (opened here otherwise).
+
+    Returns:
+        ``{"mode", "format", "max_abs_diff", "max_rel_diff", "path"}`` (also logged as a
+        ``merge`` event and stored in ``summary.json``).
+    """
+    import surgeon
+    from surgeon.data.transforms import resolve_data_config
+    from surgeon.evaluate import inference
+    from surgeon.train.checkpoint import save_tensors
+
+    run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
+    recipe = load_run_recipe(run_dir)
+    mode = mode or recipe["eval"]["merge_mode"]
+    if mode not in ("average", "jigsaw"):
+        raise UserError(f"unknown merge mode '{mode}'", hint="use average or jigsaw")
+    if model is None:
+        model = load_run(run_dir, merged=False, device=device)
+    model.eval()
+    x = fixed_batch(model)
+    with torch.no_grad(), inference(model, "merge", merge_mode=mode):
+        reference = model(x).float()
+    data_config = resolve_data_config(recipe["data"], model)
+    surgeon.merge(model, mode=mode)
+
+    tmp = paths.root / ".merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if is_plain_timm(model, recipe):
+        import timm.models
+
+        fmt = "timm"
+        names = _class_names(paths)
+        timm.models.save_for_hf(model.cpu(), str(tmp), safe_serialization=True,
+                                model_config={"label_names": names} if names else None,
+                                data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
+                                                                         "crop_pct", "crop_mode")})
+    else:
+        fmt = "dense-adapter"
+        save_tensors(tmp / "model.safetensors", model.state_dict(),
+                     metadata={"format": "surgeon-dense-adapter", "merge_mode": mode})
+    shutil.copyfile(paths.recipe, tmp / "recipe.yaml")
+    write_json(tmp / "surgeon.json", {"format": fmt, "merge_mode": mode, "recipe": recipe.name,
+                                      "model": recipe["model"]["name"]})
+    # Swap the folder in: an interrupted merge leaves the old merge (or none), never half of one.
+    old = paths.root / ".merged.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if paths.merged.exists():
+        paths.merged.rename(old)
+    tmp.rename(paths.merged)
+    shutil.rmtree(old, ignore_errors=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = load_run(run_dir, merged=True, device=str(reference.device))
+    with torch.no_grad():
+        merged_out = reloaded(x.to(next(reloaded.parameters()).device)).float()
+    diff = (merged_out - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    info = {"mode": mode, "format": fmt, "max_abs_diff": diff, "max_rel_diff": diff / max(scale, 1e-12),
+            "path": str(paths.merged)}
+    info_file = paths.merged / "surgeon.json"
+    write_json(info_file, {**read_json(info_file), **{k: info[k] for k in ("max_abs_diff", "max_rel_diff")}})
+    own_log = log is None
+    log = log or MetricsLog(paths.metrics)
+    try:
+        log.log("merge", **info)
+    finally:
+        if own_log:
+            log.close()
+    if paths.summary.is_file():
+        summary = read_json(paths.summary)
+        summary["merge"] = info
+        write_json(paths.summary, summary)
+    return info

@@ -1,0 +1,233 @@
+"""``surgeon apply``: recipe → data → model → run directory → training → merge → report.
+
+Order matters and is part of the contract:
+
+1. the recipe is loaded, validated and its local paths made absolute;
+2. the data splits are built (with a shape-only backbone on the meta device, whose timm data
+   config gives the transforms) — bad data fails here, before any run directory exists;
+3. ``model.num_classes`` is set from the data (a recipe that says otherwise is refused);
+4. ``RUN/recipe.yaml`` is written, before the model is built or anything trains;
+5. the model is built with its pretrained weights, the trainer runs, the best state is tested;
+6. the run is merged (``train.merge``) and the report written; the run directory is returned
+   (the CLI prints it as its last line).
+
+``--resume RUN`` repeats 1-3, refuses a recipe that differs from ``RUN/recipe.yaml``, and
+continues from ``RUN/checkpoints/last.pt`` (or from the start if the run died before its
+first checkpoint).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+
+from surgeon.errors import UserError
+from surgeon.run import (MetricsLog, RunPaths, build_run_model, default_run_dir, normalize_recipe, read_run_recipe,
+                         recipe_differences, write_json)
+
+
+@contextmanager
+def _warnings_to(console: Console):
+    """Show Python warnings as one ``warning: ...`` line each (no file/line noise)."""
+    old = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        console.print(f"warning: {message}", markup=False)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
+def _same_recipe_or_fail(old: dict, new: dict, where: str) -> None:
+    diffs = recipe_differences(old, new)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise UserError(f"cannot resume: the recipe differs from the run's ({shown})", where=where,
+                        hint="resume with the run's own recipe (omit RECIPE, or pass RUN/recipe.yaml) "
+                             "or start a new run without --resume")
+
+
+def prepare(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
+            overrides: list[str] | None = None, resume: str | None = None):
+    """Steps 1-3: the resolved recipe (num_classes filled in) and the data splits."""
+    from surgeon.backbone import create_backbone
+    from surgeon.data import build_splits
+    from surgeon.recipe import load_recipe
+    from surgeon.train.checkpoint import seed_everything
+
+    if recipe_ref is None:
+        if resume is None:
+            raise UserError("no recipe given", hint="surgeon apply RECIPE (or --resume RUN to continue a run)")
+        read_run_recipe(Path(resume))
+        recipe_ref = str(RunPaths(Path(resume)).recipe)
+    recipe = load_recipe(recipe_ref, overrides or [], model=model, data=data)
+    normalize_recipe(recipe)
+    seed = recipe["train"]["seed"]
+    seed_everything(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shapes = create_backbone(recipe["model"], weights=False, device="meta")
+    splits = build_splits(recipe["data"], shapes, seed=seed)
+    given = recipe["model"].get("num_classes")
+    if given is not None and given != splits.num_classes:
+        raise UserError(f"model.num_classes is {given} but the data has {splits.num_classes} classes "
+                        f"({', '.join(splits.class_names[:5])}{', ...' if splits.num_classes > 5 else ''})",
+                        where=recipe.where(("model", "num_classes")),
+                        hint="remove model.num_classes (it defaults to the data's class count) or fix the data")
+    recipe.data["model"]["num_classes"] = splits.num_classes
+    pretrained = recipe["model"]["pretrained"]
+    if pretrained is not False:
+        # Pre-flight: no network / a missing or corrupt file fails here, in seconds, before a
+        # run directory is created (the real load happens when the model is built).
+        from surgeon.weights import pretrained_kwargs
+
+        pretrained_kwargs(recipe["model"]["name"], pretrained)
+    return recipe, splits
+
+
+def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
+                 overrides: list[str] | None = None, out: str | None = None, resume: str | None = None,
+                 console: Console | None = None) -> Path:
+    """Run ``surgeon apply``; returns the run directory."""
+    from surgeon.merge_run import merge_run
+    from surgeon.train.checkpoint import load_checkpoint, seed_everything
+    from surgeon.train.trainer import Trainer, resolve_device, write_summary
+
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    if resume and out and Path(out).resolve() != Path(resume).resolve():
+        raise UserError(f"--out {out} and --resume {resume} name different run directories",
+                        hint="--resume continues the run in its own directory; drop --out")
+    t_setup = time.perf_counter()
+    with _warnings_to(console):
+        recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
+
+        # The run directory and its recipe, before anything is trained.
+        if resume:
+            paths = RunPaths(Path(resume))
+            _same_recipe_or_fail(read_run_recipe(paths.root), recipe.data, str(paths.recipe))
+        else:
+            root = Path(out) if out else default_run_dir(recipe)
+            if root.exists() and any((root / f).exists() for f in ("recipe.yaml", "metrics.jsonl")):
+                raise UserError(f"{root} already holds a run", hint=f"continue it with --resume {root}, or choose another --out")
+            root.mkdir(parents=True, exist_ok=True)
+            paths = RunPaths(root)
+            write_json_text(paths.recipe, recipe.to_yaml())
+        console.print(f"run directory: {paths.root}", markup=False)
+
+        device = resolve_device(recipe["train"]["device"])
+        seed_everything(recipe["train"]["seed"])  # the head's initialisation
+        net = build_run_model(recipe, num_classes=splits.num_classes, device=device)
+        state = None
+        if resume and paths.last.is_file():
+            state = load_checkpoint(paths.last)
+            _same_recipe_or_fail(state["recipe"], recipe.data, str(paths.last))
+        log = MetricsLog(paths.metrics)
+        try:
+            trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console)
+            if state is not None:
+                trainer.load_checkpoint(state)
+                console.print(f"resuming at step {trainer.step} of {trainer.budget.total_steps} "
+                              f"(epoch {trainer.epoch + 1}, batch {trainer.batch})", markup=False)
+            elif resume:
+                log.truncate(0)  # died before its first checkpoint: start over in the same folder
+                console.print("no checkpoint yet: starting the run from the beginning", markup=False)
+            plan = net.surgeon_plan
+            log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
+                    model=recipe["model"]["name"], data=splits.source, num_classes=splits.num_classes,
+                    class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
+                    precision=trainer.precision, seed=recipe["train"]["seed"], provenance=splits.provenance,
+                    lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
+                    steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None)
+            console.print(f"{recipe.name} on {recipe['model']['name']}: {plan.extra_params / 1e6:.4f}M extra params, "
+                          f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
+                          f"{splits.num_classes} classes; {trainer.budget.total_steps} steps on {device} "
+                          f"({trainer.precision})", markup=False)
+            setup_seconds = time.perf_counter() - t_setup
+
+            trainer.train()
+            summary = trainer.finish()
+            summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
+            write_summary(paths, summary)
+            _write_analysis(net, paths, console)
+            line = f"done: best val top-1 {_pct(summary['best_val_top1'])} at step {summary['best_step']}"
+            if summary["test_top1"] is not None:
+                line += f", test top-1 {_pct(summary['test_top1'])}"
+            console.print(line + f"; {summary['img_per_s']:.1f} img/s", markup=False)
+
+            if recipe["train"]["merge"]:
+                t = time.perf_counter()
+                info = merge_run(paths.root, mode=recipe["eval"]["merge_mode"], model=net, log=log)
+                summary = _timing(paths, "merge_seconds", time.perf_counter() - t)
+                console.print(f"merged ({info['format']}, {info['mode']}) -> {info['path']}: max |Δlogit| "
+                              f"{info['max_abs_diff']:.3g} (relative {info['max_rel_diff']:.3g})", markup=False)
+        finally:
+            log.close()
+        _report(paths, console)
+    return paths.root
+
+
+def write_json_text(path: Path, text: str) -> None:
+    from surgeon.train.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}%"
+
+
+def _timing(paths: RunPaths, key: str, seconds: float) -> dict:
+    from surgeon.run import read_json
+
+    summary = read_json(paths.summary)
+    summary.setdefault("timings", {})[key] = seconds
+    write_json(paths.summary, summary)
+    return summary
+
+
+def _write_analysis(model, paths: RunPaths, console: Console) -> None:
+    """``analysis.json``: the experts' mean pairwise cosine similarity (MLAE paper Figs. 4-5), for
+    LoRA-family runs; nothing for other methods."""
+    try:
+        from surgeon.methods.mlae import expert_similarity
+    except ImportError:
+        return
+    try:
+        sim = expert_similarity(model)
+    except Exception as exc:  # noqa: BLE001 - an analysis must not cost the run its results
+        console.print(f"warning: expert similarity not computed ({type(exc).__name__}: {exc})", markup=False)
+        return
+    if not sim.get("layers"):
+        return
+    matrices = [m.tolist() for m in sim["matrices"].values()]
+    same = matrices and all(len(m) == len(matrices[0]) for m in matrices)
+    write_json(paths.root / "analysis.json", {"expert_similarity": {
+        "mean": sim["mean"],
+        "per_layer": [{"module": k, "mean": v} for k, v in sim["layers"].items()],
+        "matrix": matrices if same else matrices[:1],
+    }})
+
+
+def _report(paths: RunPaths, console: Console) -> None:
+    try:
+        from surgeon.report import write_report
+    except ImportError as exc:
+        console.print(f"report skipped: surgeon.report is not available ({exc})", markup=False)
+        return
+    try:
+        report = write_report(paths.root)
+    except UserError as exc:
+        console.print(f"report not written: {exc}", markup=False)
+        return
+    except Exception as exc:  # noqa: BLE001 - the trained run is safe; say so and how to retry
+        console.print(f"report failed ({type(exc).__name__}: {exc}); the run is complete — retry with "
+                      f"`surgeon report {paths.root}`", markup=False)
+        return
+    console.print(f"report: {report}", markup=False)

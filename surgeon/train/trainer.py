@@ -1,0 +1,342 @@
+"""The training loop: one class, read top to bottom — setup, train, finish.
+
+One *step* is one loader batch of ``train.batch_size`` images, split into ``train.grad_accum``
+micro-batches whose gradients add up (each weighted by its share of the batch), then clipped,
+then one optimizer update and one scheduler tick. The data position ``(epoch, batch)`` advances
+with every step, so a checkpoint names exactly the next batch to read.
+
+Per step: optional bf16/fp16 autocast (fp32 master weights), the recipe's objective
+(:class:`~surgeon.train.regularizers.Objective`), a non-finite loss or gradient norm skips the
+update (counted; ``train.max_bad_steps`` in a row stop the run). Validation runs every
+``train.eval_every`` steps, or at each epoch end, and always after the last step; the best
+validation top-1 (ties: the later step) keeps its surgery tensors in ``checkpoints/best``.
+Checkpoints are written every ``train.checkpoint_every`` steps, at epoch ends and after the last
+step. Events go to ``metrics.jsonl`` (see :mod:`surgeon.run`); ``epoch`` there is 1-based.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+from surgeon.data import build_loader
+from surgeon.errors import UserError
+from surgeon.evaluate import EvalResult, autocast_context, evaluate
+from surgeon.run import MetricsLog, RunPaths, finite_or_none, write_json
+from surgeon.train.checkpoint import (backbone_fingerprint, load_surgery_state, load_tensors, rng_state, save_checkpoint, save_tensors,
+                                      set_rng_state, surgery_state)
+from surgeon.train.progress import TrainProgress
+from surgeon.train.regularizers import Objective
+from surgeon.train.schedule import build_optimizer, build_scheduler, peak_lr, step_budget
+
+LOSS_TERMS = ("loss", "ce", "consistency", "alignment")
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite steps in a row; the last checkpoint is left as it was."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'", where="train.device", hint="auto, cpu, cuda, cuda:1, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device is {name} but CUDA is not available", where="train.device",
+                        hint="use device auto or cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 on CUDA with bf16 support, else fp32 (bf16 on CPU is opt-in: it is only
+    faster on CPUs with native bf16 instructions)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+class Trainer:
+    """Trains a patched model on a run's data and writes the run directory's training artefacts.
+
+    Args:
+        recipe: the resolved :class:`~surgeon.recipe.Recipe`.
+        model: the patched model (``surgeon.build_model``), on ``device``.
+        splits: :class:`surgeon.data.DataSplits`.
+        paths: the run's :class:`~surgeon.run.RunPaths`.
+        log: the run's :class:`~surgeon.run.MetricsLog`.
+        device: where training runs.
+    """
+
+    def __init__(self, recipe, model: nn.Module, splits, paths: RunPaths, log: MetricsLog, *,
+                 device: torch.device, progress_console=None):
+        self.recipe, self.model, self.splits, self.paths, self.log = recipe, model, splits, paths, log
+        self.cfg = recipe["train"]
+        self.device = device
+        self.console = progress_console
+        self.budget = step_budget(self.cfg, len(splits.train))
+        self.precision = resolve_precision(self.cfg["precision"], device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.budget)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.objective = Objective(model, recipe["regularizers"])
+        self.sampler = getattr(model, "surgeon_sampler", None)
+        # Train events average this many steps (at most ~1000 events per run).
+        self.log_every = max(1, round(self.budget.total_steps / 1000))
+        # Counters: everything a resumed run needs to continue as if never stopped.
+        self.step = 0                 # optimizer steps done
+        self.epoch = 0                # 0-based epoch of the next batch
+        self.batch = 0                # index of the next batch within that epoch
+        self.best_top1: float | None = None
+        self.best_step: int | None = None
+        self.last_eval_step = -1
+        self.bad_total = 0
+        self.bad_in_row = 0
+        self.images = 0               # images trained on (for img/s)
+        self.train_seconds = 0.0      # time inside train steps
+        self.elapsed_before = 0.0     # wall time of earlier sessions (resume)
+        self.window = self._empty_window()
+        self._t0 = time.perf_counter()
+
+    # ---------------------------------------------------------------- state for checkpoints
+    @staticmethod
+    def _empty_window() -> dict:
+        return {"steps": 0, "finite": 0, "images": 0, "seconds": 0.0, **{k: 0.0 for k in LOSS_TERMS}}
+
+    def elapsed(self) -> float:
+        """Seconds since the run started, across resumed sessions."""
+        return self.elapsed_before + time.perf_counter() - self._t0
+
+    def counters(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "best_top1": self.best_top1,
+                "best_step": self.best_step, "last_eval_step": self.last_eval_step, "bad_total": self.bad_total,
+                "bad_in_row": self.bad_in_row, "images": self.images, "train_seconds": self.train_seconds,
+                "elapsed": self.elapsed(), "window": dict(self.window)}
+
+    def save_checkpoint(self) -> None:
+        # The event goes first so the offset stored in the checkpoint includes it; a run killed
+        # between the two lines resumes from the previous checkpoint, whose offset drops it.
+        self.log.log("checkpoint", step=self.step, epoch=self.epoch + 1, batch=self.batch, time=self.elapsed())
+        save_checkpoint(self.paths.last, {
+            "recipe": self.recipe.data,
+            "model": surgery_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(self.sampler),
+            "trainer": self.counters(),
+            "metrics_offset": self.log.offset(),
+        })
+
+    def load_checkpoint(self, state: dict) -> None:
+        """Continue from a checkpoint (the metrics log is cut back to the checkpoint's offset)."""
+        load_surgery_state(self.model, state["model"], str(self.paths.last))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], self.sampler)
+        c = state["trainer"]
+        self.step, self.epoch, self.batch = c["step"], c["epoch"], c["batch"]
+        self.best_top1, self.best_step, self.last_eval_step = c["best_top1"], c["best_step"], c["last_eval_step"]
+        self.bad_total, self.bad_in_row = c["bad_total"], c["bad_in_row"]
+        self.images, self.train_seconds = c["images"], c["train_seconds"]
+        self.elapsed_before, self._t0 = c["elapsed"], time.perf_counter()
+        self.window = dict(c["window"])
+        self.log.truncate(state["metrics_offset"])
+
+    # ---------------------------------------------------------------------------- training
+    def train(self) -> None:
+        """Run the remaining steps."""
+        budget, cfg = self.budget, self.cfg
+        progress = TrainProgress(budget.total_steps, self.step, console=self.console)
+        try:
+            while self.step < budget.total_steps:
+                loader = build_loader(self.splits.train, batch_size=cfg["batch_size"], shuffle=True, seed=cfg["seed"],
+                                      num_workers=self.recipe["data"]["num_workers"], drop_last=budget.drop_last,
+                                      epoch=self.epoch, start_batch=self.batch)
+                self.model.train()
+                position = (self.epoch, self.batch)
+                for images, labels in loader:
+                    epoch = self.epoch
+                    loss = self.train_step(images, labels)
+                    if loss is None:
+                        progress.print(f"step {self.step}: non-finite loss, update skipped "
+                                       f"({self.bad_in_row} in a row, {self.bad_total} in total)")
+                    self.batch += 1
+                    end_of_epoch = self.batch == budget.steps_per_epoch
+                    if end_of_epoch:
+                        self.epoch, self.batch = self.epoch + 1, 0
+                    last = self.step == budget.total_steps
+                    progress.update(step=self.step, epoch=epoch, epochs=budget.epochs, loss=loss,
+                                    lr=self.scheduler.get_last_lr()[0], img_per_s=self.images / max(self.train_seconds, 1e-9))
+                    every = cfg["eval_every"]
+                    if (every and self.step % every == 0) or (not every and end_of_epoch) or last:
+                        result = self.validate(epoch)
+                        if result is not None:
+                            progress.print(f"step {self.step}: val top-1 {result.top1:.2f}% (loss {result.loss:.4f})"
+                                           f"{'  best' if self.best_step == self.step else ''}")
+                        self.model.train()
+                    if self.step % cfg["checkpoint_every"] == 0 or end_of_epoch or last:
+                        self.save_checkpoint()
+                    if last:
+                        break
+                # Every pass must move (a loader that yields nothing would loop forever).
+                assert (self.epoch, self.batch) != position, f"the train loader yielded no batch at {position}"
+        finally:
+            progress.close()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+        """One optimizer step on a batch ``[B, C, H, W]`` / ``[B]``; returns its loss (None if skipped)."""
+        t0 = time.perf_counter()
+        epoch = self.epoch
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        n = len(labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = torch.zeros(len(LOSS_TERMS), device=self.device)  # batch-weighted sums of the loss terms
+        finite = True
+        for x, y in zip(images.tensor_split(self.cfg["grad_accum"]), labels.tensor_split(self.cfg["grad_accum"])):
+            if len(y) == 0:
+                continue
+            with autocast_context(self.device, self.precision):
+                parts = self.objective(self.model, x, y)
+            if not torch.isfinite(parts["loss"]):
+                finite = False
+                break
+            # Weight each micro-batch by its share so the summed gradient is the batch mean's.
+            self.scaler.scale(parts["loss"] * (len(y) / n)).backward()
+            terms += torch.stack([parts[k].detach().float() for k in LOSS_TERMS]) * (len(y) / n)
+        terms = dict(zip(LOSS_TERMS, terms.tolist()))  # one device sync per step
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or math.inf)
+            # With fp16 an inf gradient is the scaler's business (it skips and lowers the scale).
+            finite = bool(torch.isfinite(norm)) or self.scaler.is_enabled()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.bad_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_total += 1
+            self.bad_in_row += 1
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        self.images += n
+        self.train_seconds += seconds
+        if not finite:
+            self.log.log("nonfinite", step=self.step, epoch=epoch + 1, count=self.bad_total, in_a_row=self.bad_in_row)
+            if self.bad_in_row >= self.cfg["max_bad_steps"]:
+                self.log.log("stopped", step=self.step, reason="nonfinite", in_a_row=self.bad_in_row)
+                raise TrainingDiverged(
+                    f"training stopped at step {self.step}: {self.bad_in_row} non-finite losses in a row "
+                    f"({self.bad_total} in total)", where=str(self.paths.root),
+                    hint="lower train.base_lr, set train.grad_clip (e.g. 1.0) or use train.precision fp32; the last "
+                         f"good checkpoint is {self.paths.last}")
+        w = self.window
+        w["steps"] += 1
+        w["images"] += n
+        w["seconds"] += seconds
+        if finite:
+            for k in LOSS_TERMS:
+                w[k] += terms[k]
+            w["finite"] += 1
+        if w["steps"] >= self.log_every or self.step == self.budget.total_steps:
+            # Loss terms average the window's finite steps (null if it had none).
+            self.log.log("train", step=self.step, epoch=epoch + 1,
+                         **{k: finite_or_none(w[k] / w["finite"]) if w["finite"] else None for k in LOSS_TERMS},
+                         lr=lr, img_per_s=w["images"] / max(w["seconds"], 1e-9), time=self.elapsed())
+            self.window = self._empty_window()
+        return terms["loss"] if finite else None
+
+    # -------------------------------------------------------------------------- evaluation
+    def evaluate(self, dataset, split: str) -> EvalResult:
+        ev = self.recipe["eval"]
+        loader = build_loader(dataset, batch_size=self.cfg["batch_size"], shuffle=False, seed=self.cfg["seed"],
+                              num_workers=self.recipe["data"]["num_workers"])
+        return evaluate(self.model, loader, mode=ev["inference"], expert=ev["expert"], merge_mode=ev["merge_mode"],
+                        num_classes=self.splits.num_classes,
+                        class_names=self.splits.class_names, precision=self.precision)
+
+    def validate(self, epoch: int) -> EvalResult | None:
+        """Evaluate on val; keep the surgery tensors of the best top-1 (ties: the later step)."""
+        if self.splits.val is None or self.last_eval_step == self.step:
+            return None
+        result = self.evaluate(self.splits.val, "val")
+        self.last_eval_step = self.step
+        self.log.log("eval", split="val", step=self.step, epoch=epoch + 1, top1=finite_or_none(result.top1),
+                     loss=finite_or_none(result.loss), inference=result.inference, n=result.n, time=self.elapsed())
+        if result.n and (self.best_top1 is None or result.top1 >= self.best_top1):
+            self.best_top1, self.best_step = result.top1, self.step
+            save_tensors(self.paths.best, surgery_state(self.model))
+        return result
+
+    # ------------------------------------------------------------------------------ finish
+    def finish(self) -> dict:
+        """Select the best state, test it, write adapter, predictions, end event and summary."""
+        if self.splits.val is not None and self.paths.best.is_file():
+            load_surgery_state(self.model, load_tensors(self.paths.best), str(self.paths.best))
+        save_tensors(self.paths.adapter, surgery_state(self.model),
+                     metadata={"format": "surgeon-adapter", "recipe": self.recipe.name,
+                               "model": self.recipe["model"]["name"], "step": str(self.best_step or self.step),
+                               "backbone_fingerprint": backbone_fingerprint(self.model)})
+        test_top1 = None
+        final_split, final = None, None
+        if self.splits.test is not None:
+            final_split, final = "test", self.evaluate(self.splits.test, "test")
+            test_top1 = final.top1
+            self.log.log("eval", split="test", step=self.best_step or self.step, epoch=self.epoch,
+                         top1=finite_or_none(final.top1),
+                         loss=finite_or_none(final.loss), inference=final.inference, n=final.n, time=self.elapsed())
+        elif self.splits.val is not None:
+            final_split, final = "val", self.evaluate(self.splits.val, "val")
+        if final is not None:
+            write_json(self.paths.predictions(final_split),
+                       {"split": final_split, "labels": final.labels, "preds": final.preds,
+                        "class_names": list(self.splits.class_names), "top1": final.top1,
+                        "inference": final.inference})
+        img_per_s = self.images / max(self.train_seconds, 1e-9)
+        self.log.log("end", best_val_top1=self.best_top1, best_step=self.best_step, test_top1=test_top1,
+                     train_seconds=self.train_seconds, img_per_s=img_per_s, steps=self.step,
+                     nonfinite_steps=self.bad_total, time=self.elapsed())
+        plan = self.model.surgeon_plan
+        return {
+            "status": "finished",
+            "recipe": self.recipe.name,
+            "model": self.recipe["model"]["name"],
+            "data": self.splits.source,
+            "num_classes": self.splits.num_classes,
+            "class_names": list(self.splits.class_names),
+            "best_val_top1": self.best_top1,
+            "best_step": self.best_step,
+            "test_top1": test_top1,
+            "final_split": final_split,
+            "final_top1": final.top1 if final else None,
+            "per_class": final.per_class if final else [],
+            "inference": self.recipe["eval"]["inference"],
+            "steps": self.step,
+            "epochs": self.budget.epochs,
+            "steps_per_epoch": self.budget.steps_per_epoch,
+            "nonfinite_steps": self.bad_total,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.elapsed(),
+            "img_per_s": img_per_s,
+            "precision": self.precision,
+            "device": str(self.device),
+            "lr": peak_lr(self.cfg),
+            "params": {k: getattr(plan, k) for k in ("backbone_params", "extra_params", "head_params",
+                                                     "trainable_params")} | {"extra_params_m": plan.extra_params / 1e6},
+            "train_images": len(self.splits.train),
+            "val_images": len(self.splits.val) if self.splits.val is not None else 0,
+            "test_images": len(self.splits.test) if self.splits.test is not None else 0,
+        }
+
+
+def write_summary(paths: RunPaths, summary: dict) -> None:
+    write_json(paths.summary, summary)

@@ -1,0 +1,219 @@
+"""Run directories end to end: `surgeon apply` → files and events, `merge`, `eval`, `load_run`,
+a merged LoRA run in plain timm (no surgeon import), and every bad input exiting 2."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import surgeon
+from surgeon.merge_run import fixed_batch
+
+from ._train_helpers import one_torch_thread, read_events, write_imagefolder, write_recipe  # noqa: F401
+
+START_KEYS = {"time", "recipe", "model", "data", "num_classes", "plan", "device", "seed", "provenance"}
+TRAIN_KEYS = {"step", "epoch", "loss", "ce", "consistency", "alignment", "lr", "img_per_s", "time"}
+EVAL_KEYS = {"split", "step", "epoch", "top1", "loss", "inference"}
+END_KEYS = {"best_val_top1", "best_step", "test_top1", "train_seconds", "img_per_s", "steps"}
+MERGE_KEYS = {"mode", "max_abs_diff", "max_rel_diff"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("data") / "img", per_split={"train": 6, "val": 3, "test": 3})
+
+
+@pytest.fixture(scope="module")
+def mosa_run(tmp_path_factory, data):
+    """One finished MoSA run (adapter experts + consistency), made through the CLI's code path."""
+    from surgeon.cli import main
+
+    tmp = tmp_path_factory.mktemp("mosa")
+    recipe = write_recipe(tmp / "r.yaml", data, regularizers={"consistency": {"weight": 1.0}},
+                          train={"epochs": 2, "batch_size": 6})
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as exc:
+        main(["apply", str(recipe), "--out", str(tmp / "run")])
+    assert exc.value.code == 0
+    return tmp / "run"
+
+
+def test_apply_writes_the_run_directory(mosa_run, data):
+    files = {p.name for p in mosa_run.iterdir()}
+    assert {"recipe.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors", "checkpoints", "merged",
+            "predictions_test.json"} <= files
+    recipe = yaml.safe_load((mosa_run / "recipe.yaml").read_text())
+    assert recipe["model"]["num_classes"] == 3  # filled in from the data
+    assert recipe["data"]["source"] == f"imagefolder:{data}"  # absolute
+    assert recipe["train"]["seed"] == 3407 and recipe["eval"]["inference"] == "merge"  # defaults resolved
+
+    events = read_events(mosa_run)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds.count("end") == 1 and kinds[-1] == "merge"
+    by = {k: [e for e in events if e["event"] == k] for k in set(kinds)}
+    assert START_KEYS <= by["start"][0].keys() and by["start"][0]["num_classes"] == 3
+    assert by["start"][0]["plan"]["extra_params"] > 0
+    assert all(TRAIN_KEYS <= e.keys() for e in by["train"])
+    assert [e["step"] for e in by["train"]] == list(range(1, 7))  # 18 images / 6 = 3 steps x 2 epochs
+    assert by["train"][-1]["consistency"] > 0
+    assert all(EVAL_KEYS <= e.keys() for e in by["eval"])
+    assert [(e["split"], e["step"]) for e in by["eval"]] == [("val", 3), ("val", 6), ("test", by["end"][0]["best_step"])]
+    end = by["end"][0]
+    assert END_KEYS <= end.keys() and end["steps"] == 6 and 0 <= end["test_top1"] <= 100
+    merge = by["merge"][0]
+    assert MERGE_KEYS <= merge.keys() and merge["mode"] == "average" and merge["max_abs_diff"] < 1e-4
+
+    summary = json.loads((mosa_run / "summary.json").read_text())
+    assert summary["test_top1"] == end["test_top1"] and summary["merge"]["format"] == "dense-adapter"
+    assert summary["params"]["extra_params"] == by["start"][0]["plan"]["extra_params"]
+    preds = json.loads((mosa_run / "predictions_test.json").read_text())
+    assert len(preds["labels"]) == len(preds["preds"]) == 9 and preds["class_names"] == ["class0", "class1", "class2"]
+    acc = 100 * sum(a == b for a, b in zip(preds["labels"], preds["preds"])) / 9
+    assert acc == pytest.approx(end["test_top1"])
+    # adapter.safetensors is small: the trained tensors, not the backbone.
+    assert (mosa_run / "adapter.safetensors").stat().st_size < 0.1 * (mosa_run / "merged" / "model.safetensors").stat().st_size
+
+
+def test_eval_matches_training_and_merge_modes(mosa_run, cli):
+    summary = json.loads((mosa_run / "summary.json").read_text())
+    res = cli("eval", str(mosa_run), "--json")
+    assert res.code == 0, res
+    payload = json.loads(res.out)
+    assert payload["split"] == "test" and payload["n"] == 9
+    assert payload["top1"] == pytest.approx(summary["test_top1"])
+    res = cli("eval", str(mosa_run), "--inference", "ensemble", "--per-class", "--split", "val")
+    assert res.code == 0 and "ensemble inference" in res.out and "class2" in res.out
+    assert cli("eval", str(mosa_run), "--inference", "fixed").code == 0
+    assert cli("eval", str(mosa_run), "--inference", "stochastic").code == 0
+
+    res = cli("merge", str(mosa_run), "--mode", "jigsaw")
+    assert res.code == 0, res
+    merges = [e for e in read_events(mosa_run) if e["event"] == "merge"]
+    assert merges[-1]["mode"] == "jigsaw" and merges[-1]["max_abs_diff"] < 1e-4
+    assert json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "jigsaw"
+    res = cli("merge", str(mosa_run))  # back to the recipe's mode
+    assert res.code == 0 and json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "average"
+
+
+def test_load_run_merged_equals_unmerged(mosa_run):
+    merged = surgeon.load_run(mosa_run)
+    unmerged = surgeon.load_run(mosa_run, merged=False)
+    assert type(merged.blocks[0].mlp).__name__ != type(unmerged.blocks[0].mlp).__name__
+    x = fixed_batch(merged, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), unmerged(x), atol=1e-5, rtol=0)
+
+
+PLAIN_TIMM_CHECK = r"""
+import sys, torch, timm
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+x, expected = torch.load(sys.argv[2])
+with torch.no_grad():
+    diff = (model(x) - expected).abs().max().item()
+assert not any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules), "surgeon was imported"
+print(diff, model.num_classes, len(model.blocks))
+"""
+
+
+@pytest.mark.parametrize("surgery", [
+    [{"target": "blocks.*.attn.qkv", "lora": {"rank": 4, "slices": ["q", "v"]}}],
+    [{"target": "blocks.*.attn.proj", "unfreeze": "bias"}],
+], ids=["lora", "bitfit"])
+def test_merged_run_loads_in_plain_timm(tmp_path, data, surgery):
+    recipe = write_recipe(tmp_path / "r.yaml", data, surgery=surgery, train={"epochs": 2, "batch_size": 6,
+                                                                          "base_lr": 0.05})
+    run = surgeon.train.apply.apply_recipe(str(recipe), out=str(tmp_path / "run"))
+    config = json.loads((run / "merged" / "config.json").read_text())
+    assert config["model_args"]["img_size"] == [32, 32] and config["model_args"]["patch_size"] == 8
+    assert config["model_args"]["depth"] == 2 and config["num_classes"] == 3
+    assert config["label_names"] == ["class0", "class1", "class2"]
+    unmerged = surgeon.load_run(run, merged=False)
+    x = fixed_batch(unmerged, seed=2)
+    with torch.no_grad():
+        expected = unmerged(x)
+    torch.save((x, expected), tmp_path / "io.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TIMM_CHECK, str(run / "merged"), str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    diff, classes, depth = proc.stdout.split()
+    assert float(diff) < 1e-4 and classes == "3" and depth == "2"
+    # Training changed the folded weights: the merged model is not the untrained backbone.
+    from surgeon.run import load_run_recipe, rebuild_backbone
+
+    untrained = rebuild_backbone(load_run_recipe(run)).state_dict()
+    merged = surgeon.load_run(run).state_dict()
+    key = "blocks.0.attn.qkv.weight" if "lora" in surgery[0] else "blocks.0.attn.proj.bias"
+    assert not torch.equal(merged[key], untrained.get(key, untrained.get(key.replace(".weight", ".base_layer.weight"))))
+
+
+def test_default_run_dir_and_plain_progress(tmp_path, data, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[], train={"max_steps": 2, "merge": False})
+    res = cli("apply", str(recipe))
+    assert res.code == 0, res
+    last = res.out.strip().splitlines()[-1]
+    assert re.fullmatch(r"runs/tiny-vit_tiny_patch16_224-img-\d{8}-\d{6}", last), last
+    assert (tmp_path / last / "summary.json").is_file()
+    assert "step 1/2" in res.err and "\x1b[" not in res.err  # plain lines, no live bar, under CI
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def _apply(cli, recipe, *args):
+    return cli("apply", str(recipe), *args)
+
+
+def test_bad_data_inputs_exit_2(tmp_path, data, cli):
+    cases = {}
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    cases["missing data dir"] = (_apply(cli, recipe, "--data", f"imagefolder:{tmp_path / 'nope'}"), "not found")
+
+    empty = write_imagefolder(tmp_path / "empty", per_split={"train": 2})
+    for f in (empty / "train" / "class1").iterdir():
+        f.unlink()
+    cases["empty class folder"] = (_apply(cli, recipe, "--data", f"imagefolder:{empty}"), "class1")
+
+    broken = write_imagefolder(tmp_path / "broken", per_split={"train": 4, "val": 1})
+    (broken / "train" / "class0" / "0.png").write_bytes(b"not a png at all")
+    cases["unreadable image"] = (_apply(cli, recipe, "--data", f"imagefolder:{broken}", "--out", str(tmp_path / "b")),
+                                 "0.png")
+
+    lines = [f"{data}/train/class{k}/{i}.png {k if k < 2 else 7}" for k in range(3) for i in range(4)]
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    cases["label out of range"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'list.txt'}",
+                                          "--set", "model.num_classes=3"), "data has 8 classes")
+    cases["class-count mismatch"] = (_apply(cli, recipe, "--set", "model.num_classes=5"), "model.num_classes is 5")
+
+    for name, (res, text) in cases.items():
+        assert res.code == 2, (name, res)
+        assert text in res.err, (name, res.err)
+        assert "Traceback" not in res.err, name
+
+
+def test_bad_run_inputs_exit_2(tmp_path, data, cli):
+    recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[], train={"max_steps": 2, "merge": False})
+    run = tmp_path / "run"
+    assert _apply(cli, recipe, "--out", str(run)).code == 0
+    checks = [
+        (cli("eval", str(tmp_path / "nope")), "does not exist"),
+        (cli("merge", str(tmp_path)), "no recipe.yaml"),
+        (_apply(cli, recipe, "--out", str(run)), "already holds a run"),
+        (cli("eval", str(run), "--inference", "ensemble"), "needs experts"),
+        (cli("eval", str(run), "--split", "train2"), "no 'train2' split"),
+        (cli("apply", "--resume", str(tmp_path / "nope")), "does not exist"),
+    ]
+    (run / "checkpoints" / "last.pt").write_bytes(b"\x00" * 100)
+    checks.append((cli("apply", "--resume", str(run)), "cannot read the checkpoint"))
+    (run / "adapter.safetensors").write_bytes(b"\x00" * 100)
+    checks.append((cli("eval", str(run)), "adapter.safetensors"))
+    for res, text in checks:
+        assert res.code == 2, res
+        assert text in res.err, res.err
+        assert "Traceback" not in res.err
