@@ -167,7 +167,7 @@ def eval_run(run_dir, *, data: str | None = None, mode: str | None = None, split
     data_cfg = dict(recipe["data"])
     if data:
         data_cfg["source"] = data
-    splits = build_splits(data_cfg, model, seed=recipe["train"]["seed"])
+    splits = build_splits(data_cfg, model, seed=data_cfg["seed"])
     classes = model.num_classes if hasattr(model, "num_classes") else None
     if classes is not None and splits.num_classes != classes:
         raise UserError(f"the data has {splits.num_classes} classes but the run's model predicts {classes}",

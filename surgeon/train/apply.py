@@ -74,7 +74,7 @@ def prepare(recipe_ref: str | None, *, model: str | None = None, data: str | Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         shapes = create_backbone(recipe["model"], weights=False, device="meta")
-    splits = build_splits(recipe["data"], shapes, seed=seed)
+    splits = build_splits(recipe["data"], shapes, seed=recipe["data"]["seed"])
     given = recipe["model"].get("num_classes")
     if given is not None and given != splits.num_classes:
         raise UserError(f"model.num_classes is {given} but the data has {splits.num_classes} classes "
