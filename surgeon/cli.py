@@ -219,13 +219,14 @@ def pretrain_builtin_cmd(
         seed: int = typer.Option(0, help="Class seed of the formula dataset (the shipped weights use 0)."),
         classes: int = typer.Option(100, help="Formula classes."),
         per_class: int = typer.Option(200, help="Rendered images per class."),
-        epochs: float = typer.Option(10.0, help="Passes over the rendered set.")):
+        epochs: float = typer.Option(6.0, help="Passes over the rendered set (the shipped weights: 6)."),
+        threads: Optional[int] = typer.Option(None, help="torch threads (the shipped weights used 1).")):
     """Re-create the built-in formula-pretrained backbone (FractalDB-style), deterministically."""
     from surgeon.builtin import BUILTIN_BACKBONES
     from surgeon.builtin.pretrain import pretrain_builtin
 
     target = out_path or Path(BUILTIN_BACKBONES["fractal_vit_tiny"]["file"])
-    pretrain_builtin(target, classes=classes, per_class=per_class, seed=seed, epochs=epochs)
+    pretrain_builtin(target, classes=classes, per_class=per_class, seed=seed, epochs=epochs, threads=threads)
     out.print(str(target), markup=False)
 
 
