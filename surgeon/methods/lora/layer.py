@@ -156,10 +156,15 @@ class LowRankLayer(SurgeryLayer):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [(G,) R, fan_in], B diag(c) [(G,) out, R])`` for this forward (draws experts/masks)."""
+        down, up, coefficients = self._factors()
+        return down, scale_columns(up, coefficients)
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """``(A, B, c)`` for this forward, ``c`` not yet applied (draws in the same order as :meth:`factors`)."""
         keys = [name for name, _, _ in self.parts]
         down = stack_down([self.down[k].effective()[0] for k in keys])
         up = block_up([self.up[k].effective()[0] for k in keys], self._rows(), self.out_rows)
-        return down, scale_columns(up, self.coefficients())
+        return down, up, self.coefficients()
 
     def merged_factors(self, mode: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
         """fp32, detached ``(A [R, fan_in], B diag(c) [out, R])`` after merging expert-split matrices."""
@@ -176,9 +181,19 @@ class LowRankLayer(SurgeryLayer):
     # ------------------------------------------------------------------ the two paths
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, ..., in]`` (Linear) or ``[B, in, H, W]`` (Conv2d) → the base output plus the delta's."""
-        down, up = self.factors()
+        down, up, coefficients = self._factors()
         y = self.base_layer(x)
         h = self._down(self.dropout(x), down)                   # [B, ..., R] or [B, R, H', W']
+        # Hot path (benchmarks/README.md): a number c (LoRA's α/r) scales the thin rank-R
+        # activation, and not at all when it is 1, so no [out, R] copy of B is made and saved for
+        # backward; per-rank c (MLAE) scales B's columns (cheaper than h at realistic token counts).
+        if isinstance(coefficients, torch.Tensor):
+            up = scale_columns(up, coefficients)
+        elif coefficients != 1:
+            h = h * coefficients
+        if up.dim() == 2 and not self.is_conv:
+            # y + h Bᵀ as one addmm (beta=1): no separate elementwise pass over the [tokens, out] output.
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t()).view(y.shape)
         return y + apply_linear(h, up, None, channel_dim=1 if self.is_conv else -1)
 
     def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

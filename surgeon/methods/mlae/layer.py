@@ -76,16 +76,19 @@ class MlaeLayer(LowRankLayer):
         if not self.training or self.p == 0:
             return None
         groups = max(1, self.sampler.groups)
-        draws = self.sampler.rand(groups * self.coefficient.numel()).view(groups, -1)
-        mask = (draws >= self.p).to(self.coefficient.dtype) / (1 - self.p)   # kept with probability 1-p
-        mask = mask.to(self.coefficient.device, non_blocking=True)
-        return mask[0] if groups == 1 else mask
+        draws = self.sampler.rand(groups * self.coefficient.numel())
+        # kept with probability 1-p, scaled 1/(1-p): one where() (fewer small ops per layer and step)
+        mask = torch.where(draws >= self.p, 1.0 / (1 - self.p), 0.0)
+        mask = mask.to(self.coefficient.device, self.coefficient.dtype, non_blocking=True)
+        return mask if groups == 1 else mask.view(groups, -1)
 
     def coefficients(self) -> torch.Tensor:
         coefficient = self.coefficient
         mask = self.expert_mask()
         if mask is not None:
             coefficient = coefficient * mask                       # [S·E] or [G, S·E]
+        if self.expert_rank == 1:  # rank-1 experts: c is λ itself (repeat_interleave would copy)
+            return coefficient
         return coefficient.repeat_interleave(self.expert_rank, dim=-1)
 
     def merged_coefficients(self) -> torch.Tensor:
