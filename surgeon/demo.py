@@ -44,10 +44,10 @@ def run_demo(*, out: str | Path = "runs/demo", quick: bool = False, console: Con
                      "report": str(cell.run_dir / "report.md")})
     table = Table(title="surgeon demo — built-in backbone, built-in task" + (" (quick: not meaningful)" if quick else ""),
                   title_justify="left")
-    for col in ("recipe", "data", "test top-1", "val top-1", "Params (M)", "train time"):
+    for col in ("recipe", "data", "test top-1", "val top-1", "Params (M)", "train"):
         table.add_column(col, justify="left" if col in ("recipe", "data") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["recipe"], r["data"], _pct(r["test_top1"]), _pct(r["best_val_top1"]),
+        table.add_row(r["recipe"], r["data"].removeprefix("builtin:"), _pct(r["test_top1"]), _pct(r["best_val_top1"]),
                       f"{r['extra_params_m']:.3f}", f"{r['train_seconds'] or 0:.0f} s")
     summary_console.print(table)
     for r in rows:
