@@ -389,6 +389,20 @@ class Samples:
         return self.cpu if clock == "cpu" else self.wall
 
 
+def calibrate(fns: dict, args, device) -> dict:
+    """Warm each function up, then pick repeats per sample so one sample lasts ~``args.infer_seconds``."""
+    inner = {}
+    for key, fn in fns.items():
+        for _ in range(max(args.warmup, 1)):
+            fn()
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        inner[key] = max(1, round(args.infer_seconds / max(time.perf_counter() - t0, 1e-6)))
+    return inner
+
+
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, device, rng: random.Random,
                 inner: dict[str, int] | None = None, log=None) -> dict[str, Samples]:
     """Time each fn once per round, in a freshly shuffled order every round (A B C, C A B, ...).
@@ -478,15 +492,7 @@ def _layer_duels(args, cases, device, rng, results, clock, log) -> list[str]:
                 except (AttributeError, KeyError):
                     continue
         where[(a, b)] = name
-    inner = {}
-    for key, fn in fns.items():  # warm up, then calibrate: one sample lasts ~infer_seconds
-        for _ in range(max(args.warmup, 1)):
-            fn()
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        inner[key] = max(1, round(args.infer_seconds / max(time.perf_counter() - t0, 1e-6)))
+    inner = calibrate(fns, args, device)
     log(f"layers: {', '.join(fns)}")
     s = interleaved(fns, args.rounds, device, rng, inner=inner, log=log)
     results["layers"] = {k: {"wall": v.wall, "cpu": v.cpu} for k, v in s.items()}
@@ -743,15 +749,7 @@ def main(argv=None) -> int:
         for batch in args.infer_batches:
             x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
             fns = {name: (lambda f=forward: _no_grad_call(f, x)) for name, (_, forward) in models.items()}
-            inner = {}
-            for name, fn in fns.items():  # warm up, then calibrate: one sample lasts ~infer_seconds
-                for _ in range(max(args.warmup, 1)):
-                    fn()
-                synchronize(device)
-                t0 = time.perf_counter()
-                fn()
-                synchronize(device)
-                inner[name] = max(1, round(args.infer_seconds / max(time.perf_counter() - t0, 1e-6)))
+            inner = calibrate(fns, args, device)
             log(f"inference batch {batch}: {', '.join(fns)}")
             s = interleaved(fns, args.overview_rounds, device, rng, inner=inner, log=log)
             results["infer"][batch] = {n: {"wall": v.wall, "cpu": v.cpu} for n, v in s.items()}

@@ -9,15 +9,6 @@ from surgeon.methods.matrices import (DenseMatrix, ExpertSplitMatrix, PrunedMatr
                                       make_matrix, random_keep_mask, random_quantile_index)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threading costs more than it saves (3x on the shared 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ctx_for(rule: dict, seed: int = 0) -> PatchContext:
     gen = torch.Generator().manual_seed(seed + 1)
     return PatchContext(rule=rule, rule_index=0, layer_index=0, num_layers=1, sampler=ExpertSampler(seed=seed),

@@ -44,15 +44,6 @@ FAMILIES = {
 RECIPES = ["adaptformer", "pfeiffer", "houlsby", "mosa_hier", "mosa_flat", "sparse_adapter"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threading costs more than it saves (3x on the shared 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(recipe: str, family: str, **overrides) -> surgeon.Recipe:
     name, kwargs, _, _ = FAMILIES[family]
     return surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml",
