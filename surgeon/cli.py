@@ -79,7 +79,11 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
         m = surgeon.build_model(r, weights=False, device="meta")
     p = m.surgeon_plan
     if as_json:
-        payload = {"recipe": r.name, "model": r["model"]["name"], **p.to_dict()}
+        from surgeon.backbone import resolve_model_name
+        from surgeon.train.schedule import peak_lr
+
+        payload = {"recipe": r.name, "model": resolve_model_name(r["model"])[0], "peak_lr": peak_lr(r["train"]),
+                   **p.to_dict()}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     print_plan(p, out, title=f"{r.name} on {r['model']['name']}")

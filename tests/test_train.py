@@ -61,7 +61,7 @@ def test_step_budget_warmup_and_cap():
     b = step_budget({**cfg, "max_steps": 13}, num_train=18)
     assert (b.total_steps, b.epochs) == (13, 4)
     b = step_budget({**cfg, "warmup_steps": 100}, num_train=18)
-    assert b.warmup_steps == 40  # never longer than the run
+    assert (b.warmup_steps, b.warmup_requested, b.warmup_clamped) == (20, 100, True)  # at most half the run
     b = step_budget(cfg, num_train=3)  # fewer images than a batch: one short batch per epoch
     assert (b.steps_per_epoch, b.drop_last) == (1, False)
 

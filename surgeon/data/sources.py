@@ -81,6 +81,9 @@ class DataSplits:
         provenance: one paragraph for reports: what the data is, where from, split sizes,
             transforms.
         source: the ``data.source`` spec string.
+        val_in_train: every val image is also a training image (the ``final`` protocol of
+            VTAB-style sources): val scores then measure fit, not generalisation, and must not
+            select a checkpoint.
     """
 
     train: Dataset
@@ -90,6 +93,7 @@ class DataSplits:
     class_names: list[str]
     provenance: str
     source: str
+    val_in_train: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,9 +338,11 @@ def _assemble(source: str, found: _Found, data_cfg: dict, protocol: str,
         text += f" {len(missing_at_build)} listed image(s) were missing and skipped."
     if found.notes:
         text += " " + " ".join(found.notes)
+    val_in_train = bool(found.val and found.val.entries) and \
+        {e.path for e in found.val.entries} <= {e.path for e in found.train.entries}
     return DataSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"],
                       num_classes=len(found.classes), class_names=list(found.classes),
-                      provenance=text, source=source)
+                      provenance=text, source=source, val_in_train=val_in_train)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,4 +618,5 @@ def _build_builtin(source: str, name: str, protocol: str, seed: int,
             + (f", native size {native} px" if native else "") + ". "
             f"Protocol {protocol}: {', '.join(sizes)}{test_note}. Transforms — {tf.describe()}.")
     return DataSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"],
-                      num_classes=k, class_names=names, provenance=text, source=source)
+                      num_classes=k, class_names=names, provenance=text, source=source,
+                      val_in_train=protocol == "final")

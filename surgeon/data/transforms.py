@@ -8,14 +8,21 @@ The data config comes from :func:`timm.data.resolve_input_data_config` — not
 Train (``data.augment``):
 
 * ``rrc_flip`` — RandomResizedCrop (scale 0.08–1, ratio 3/4–4/3) + horizontal flip, via
-  :func:`timm.data.create_transform` with colour jitter off (the MoSA / FGVC recipe);
+  :func:`timm.data.create_transform` with colour jitter off (what the MoSA and MLAE papers'
+  text says for FGVC);
+* ``resize_crop_flip`` — resize the shorter side to ``size · 256/224`` (256 for 224), random
+  crop ``H x W``, horizontal flip: what the published MoSA code runs for FGVC/GICD
+  (``src/data/transforms.py``);
 * ``flip`` — resize to ``H x W`` + horizontal flip;
-* ``resize`` — plain resize to ``H x W`` (the VTAB-1k protocol).
+* ``resize`` — plain resize to ``H x W`` (the VTAB-1k protocol, published code and papers).
 
 Eval (val/test) matches the train geometry: after ``rrc_flip`` it is timm's eval transform
-(resize the shorter side to ``size / crop_pct``, centre crop, as timm evaluates); after ``flip``
-or ``resize`` it is the same plain resize to ``H x W`` without flip, because a model trained on
-whole squashed images should not be evaluated on centre crops (VTAB-1k evaluates this way).
+(resize the shorter side to ``size / crop_pct``, centre crop, as timm evaluates); after
+``resize_crop_flip`` the published one (shorter side to ``size · 256/224``, centre crop); after
+``flip`` or ``resize`` it is the same plain resize to ``H x W`` without flip, because a model
+trained on whole squashed images should not be evaluated on centre crops (VTAB-1k evaluates
+this way). ``data.interpolation`` overrides the backbone's resize interpolation (the published
+code resizes bilinearly, timm's ViT configs say bicubic).
 
 Every transform maps a PIL RGB image to a float32 tensor ``[3, H, W]`` normalised with
 ``(x / 255 - mean) / std``. They are built from torchvision/timm classes only (no lambdas), so
@@ -32,7 +39,8 @@ import torch
 from timm.data.transforms import MaybeToTensor, str_to_interp_mode
 from torchvision import transforms as T
 
-AUGMENTS = ("rrc_flip", "flip", "resize")
+AUGMENTS = ("rrc_flip", "resize_crop_flip", "flip", "resize")
+RESIZE_RATIO = 256 / 224  # the published FGVC pipeline: Resize(256) -> RandomCrop(224)
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,10 @@ class TransformSet:
             scale = math.floor(min(h, w) / self.crop_pct)
             evals = (f"resize shorter side to {scale} px + centre crop {size} "
                      f"(crop_pct {self.crop_pct:g})")
+        elif self.augment == "resize_crop_flip":
+            scale = _resize_side(h, w)
+            train = f"resize shorter side to {scale} px + random crop {size} + horizontal flip"
+            evals = f"resize shorter side to {scale} px + centre crop {size}"
         else:
             train = f"resize to {size}" + (" + horizontal flip" if self.augment == "flip" else "")
             evals = f"resize to {size}"
@@ -99,11 +111,25 @@ def resolve_data_config(data_cfg: dict, model: torch.nn.Module) -> dict:
         cfg["mean"] = tuple(float(x) for x in data_cfg["mean"])
     if data_cfg.get("std") is not None:
         cfg["std"] = tuple(float(x) for x in data_cfg["std"])
+    if data_cfg.get("interpolation"):
+        cfg["interpolation"] = data_cfg["interpolation"]
     cfg.setdefault("crop_pct", timm.data.DEFAULT_CROP_PCT)
     cfg["crop_pct"] = cfg["crop_pct"] or timm.data.DEFAULT_CROP_PCT
     cfg["crop_mode"] = cfg.get("crop_mode") or "center"
     cfg["interpolation"] = cfg.get("interpolation") or "bilinear"
     return cfg
+
+
+def _resize_side(h: int, w: int) -> int:
+    """Shorter-side resize before a crop of ``h x w`` in the published pipeline (256 for 224)."""
+    return int(round(min(h, w) * RESIZE_RATIO))
+
+
+def _resize_crop(size: tuple[int, int], interpolation: str, mean, std, train: bool) -> T.Compose:
+    steps = [T.Resize(_resize_side(*size), interpolation=str_to_interp_mode(interpolation))]
+    steps += [T.RandomCrop(size), T.RandomHorizontalFlip(p=0.5)] if train else [T.CenterCrop(size)]
+    steps += [MaybeToTensor(), T.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))]
+    return T.Compose(steps)
 
 
 def _plain_resize(size: tuple[int, int], interpolation: str, mean, std, flip: bool) -> T.Compose:
@@ -136,6 +162,9 @@ def build_transforms(data_cfg: dict, model: torch.nn.Module) -> TransformSet:
         evaluate = timm.data.create_transform(
             cfg["input_size"], is_training=False, interpolation=interp, mean=mean, std=std,
             crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
+    elif augment == "resize_crop_flip":
+        train = _resize_crop(size, interp, mean, std, train=True)
+        evaluate = _resize_crop(size, interp, mean, std, train=False)
     else:
         train = _plain_resize(size, interp, mean, std, flip=augment == "flip")
         evaluate = _plain_resize(size, interp, mean, std, flip=False)

@@ -65,6 +65,7 @@ class PatchContext:
         num_layers: how many modules the rule matched (per-layer lists have this length).
         sampler: the model's shared :class:`ExpertSampler`.
         init_generator: seeded generator for surgery-time randomness (masks, pruning, init).
+        root: the model being patched (to find a module's siblings, e.g. ``adapter.input_from``).
     """
 
     rule: dict
@@ -73,6 +74,7 @@ class PatchContext:
     num_layers: int
     sampler: ExpertSampler
     init_generator: torch.Generator
+    root: nn.Module | None = None
 
 
 class SurgeryLayer(nn.Module):

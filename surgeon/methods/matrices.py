@@ -26,10 +26,10 @@ Strategies:
   Expert ``i``'s weight is ``weight0 + delta ⊙ (expert_index == i)``: memory does not grow
   with N and every parameter takes part in every step (the gradient mask is implicit).
   Merge: ``average`` ``weight0 + delta / N``; ``jigsaw`` ``weight0 + delta``.
-- :class:`PrunedMatrix` (SparseAdapter/SparseLoRA): trainable ``weight`` times a fixed
-  boolean ``mask`` buffer (bias pruned likewise, or dense); pruned entries are zero in the parameter itself and in the
-  effective weight, so they stay exactly zero under AdamW with weight decay (zero gradient,
-  zero moments, decay of 0 is 0).
+- :class:`PrunedMatrix` (SparseAdapter/SparseLoRA): trainable ``weight`` and a fixed boolean
+  ``mask`` buffer (bias pruned likewise, or dense); pruned entries are zero and stay zero
+  (``pruned: zero``) or keep their random init, untrained (``pruned: frozen``, the published
+  MoSA baselines).
 
 Which expert is used (ExpertSplitMatrix only) follows the model's shared
 :class:`~surgeon.methods.base.ExpertSampler` (``ctx.sampler``):
@@ -232,16 +232,28 @@ class ExpertSplitMatrix(Matrix):
 
     State (all persistent, saved with the run): buffer ``weight0`` ``[out, in]`` (the dense
     init, frozen), parameter ``delta`` ``[out, in]`` (zero at start), buffer ``expert_index``
-    ``uint8 [out, in]``. Bias: parameter ``bias`` (``bias_mode="dense"``) or buffers
-    ``bias0``/``bias_index`` + parameter ``bias_delta`` (``"split"``, same expert as the weight).
+    ``uint8 [out, in]``. Bias (``bias_mode``):
 
-    Note: weight decay acts on ``delta`` (pulling each expert towards its init), which is
-    what the published N-copies implementation does on the entries each copy trains.
+    - ``per_expert`` (the published default, ``MODEL.ADAPTER.BIAS=True``): every expert owns a
+      full bias, buffer ``bias0 [out]`` + parameter ``bias_delta [N, out]`` (zero at start);
+      expert ``i`` uses ``bias0 + bias_delta[i]``, so a row is trained only when its expert is
+      drawn; merging averages the N biases (both modes: a full bias has no entries to jigsaw);
+    - ``split`` (published ``BIAS=False``): ``bias0``/``bias_index`` buffers + ``bias_delta [out]``,
+      split into experts like the weight;
+    - ``dense``: one shared trainable ``bias``.
+
+    Weight decay (``decay``): ``toward_init`` decays ``delta`` toward 0, i.e. every expert toward
+    its initial ``weight0``. ``toward_zero`` is what the published implementation's N adapter
+    copies get from AdamW: every copy's *whole* weight decays toward 0 each step — the entries
+    it trains (``weight0 + delta`` on its mask: :meth:`decay_`) and the ones it never trains
+    (``copy_decay · weight0`` elsewhere: a persistent scalar buffer ``copy_decay``, 1 at start,
+    multiplied by ``1 - lr·wd`` per step). With ``weight0 = 0`` (MoSA's up-projection) the two
+    are the same numbers; they differ for a split down-projection (flat MoSA, MoSL's A).
     """
 
     def __init__(self, role: str, init_weight: torch.Tensor, num_experts: int, sampler: ExpertSampler, *,
                  granularity: str = "all", init_bias: torch.Tensor | None = None, bias_mode: str = "dense",
-                 generator: torch.Generator | None = None):
+                 decay: str = "toward_init", generator: torch.Generator | None = None):
         super().__init__(role, *init_weight.shape)
         device = init_weight.device
         self.num_experts = num_experts
@@ -251,6 +263,11 @@ class ExpertSplitMatrix(Matrix):
         self.delta = nn.Parameter(torch.zeros_like(init_weight))
         index = random_quantile_index(tuple(init_weight.shape), num_experts, granularity, generator)
         self.register_buffer("expert_index", index.to(device))
+        if decay not in ("toward_init", "toward_zero"):
+            raise ValueError(f"experts.decay must be 'toward_init' or 'toward_zero', got {decay!r}")
+        self.decay = decay
+        if decay == "toward_zero":
+            self.register_buffer("copy_decay", torch.ones((), device=device, dtype=torch.float32))
         self.bias_mode = bias_mode if init_bias is not None else "none"
         self.bias = None
         if self.bias_mode == "dense":
@@ -260,8 +277,11 @@ class ExpertSplitMatrix(Matrix):
             self.bias_delta = nn.Parameter(torch.zeros_like(init_bias))
             bias_index = random_quantile_index(tuple(init_bias.shape), num_experts, "all", generator)
             self.register_buffer("bias_index", bias_index.to(device))
+        elif self.bias_mode == "per_expert":
+            self.register_buffer("bias0", init_bias.detach().clone())
+            self.bias_delta = nn.Parameter(init_bias.new_zeros(num_experts, *init_bias.shape))
         elif self.bias_mode != "none":
-            raise ValueError(f"experts.bias must be 'dense' or 'split', got {bias_mode!r}")
+            raise ValueError(f"experts.bias must be 'per_expert', 'split' or 'dense', got {bias_mode!r}")
 
     # Which experts this forward uses: None = merged weight; else a CPU long tensor [G].
     def _draw(self) -> torch.Tensor | None:
@@ -274,17 +294,27 @@ class ExpertSplitMatrix(Matrix):
             return torch.tensor([s.expert])
         return None
 
-    @staticmethod
-    def _select(base: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _untrained(self, base: torch.Tensor, decayed: bool) -> torch.Tensor:
+        """What an expert holds on the entries it does not train: ``weight0``, or
+        ``copy_decay · weight0`` under ``decay: toward_zero`` (weights only: biases take no decay)."""
+        return base * self.copy_decay.to(base.dtype) if decayed and self.decay == "toward_zero" else base
+
+    def _select(self, base: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, experts: torch.Tensor,
+                decayed: bool = True) -> torch.Tensor:
         # One fused elementwise op, no loop over experts: base + delta on the chosen expert's entries.
+        other = self._untrained(base, decayed)
         if experts.numel() == 1:
-            return torch.where(index == int(experts), base + delta, base)
+            return torch.where(index == int(experts), base + delta, other)
         chosen = experts.to(index.device, non_blocking=True).to(index.dtype)
         chosen = chosen.reshape(-1, *([1] * index.dim()))                 # [G, 1, ...]
-        return torch.where(index.unsqueeze(0) == chosen, base + delta, base)  # [G, *shape]
+        return torch.where(index.unsqueeze(0) == chosen, base + delta, other)  # [G, *shape]
 
-    def _merge_formula(self, base: torch.Tensor, delta: torch.Tensor, mode: str) -> torch.Tensor:
+    def _merge_formula(self, base: torch.Tensor, delta: torch.Tensor, mode: str, decayed: bool = True) -> torch.Tensor:
         if mode == "average":
+            if decayed and self.decay == "toward_zero":
+                # Each entry is trained by one expert (W0 + D) and held by N - 1 others (c · W0).
+                c = self.copy_decay.to(base.dtype)
+                return base * ((1 + (self.num_experts - 1) * c) / self.num_experts) + delta / self.num_experts
             return base + delta / self.num_experts
         if mode == "jigsaw":
             return base + delta
@@ -297,8 +327,14 @@ class ExpertSplitMatrix(Matrix):
             return self.bias.expand(groups, -1)
         if self.bias_mode == "split":
             if experts is None:
-                return self._merge_formula(self.bias0, self.bias_delta, self.sampler.merge_mode)
-            return self._select(self.bias0, self.bias_delta, self.bias_index, experts)
+                return self._merge_formula(self.bias0, self.bias_delta, self.sampler.merge_mode, decayed=False)
+            return self._select(self.bias0, self.bias_delta, self.bias_index, experts, decayed=False)
+        if self.bias_mode == "per_expert":
+            if experts is None:
+                return self.bias0 + self.bias_delta.mean(0)
+            if experts.numel() == 1:
+                return self.bias0 + self.bias_delta[int(experts)]
+            return self.bias0 + self.bias_delta[experts.to(self.bias_delta.device, non_blocking=True)]  # [G, out]
         return None
 
     def effective(self):
@@ -313,12 +349,26 @@ class ExpertSplitMatrix(Matrix):
         """Expert ``i``'s effective weight ``[out, in]`` (for analysis and tests)."""
         return self._select(self.weight0, self.delta, self.expert_index, torch.tensor([i]))
 
+    def expert_bias(self, i: int) -> torch.Tensor | None:
+        """Expert ``i``'s effective bias ``[out]`` (None without a bias)."""
+        return self._bias(torch.tensor([i]), 1)
+
+    @torch.no_grad()
+    def decay_(self, factor: float) -> None:
+        """One step of ``decay: toward_zero`` weight decay with ``factor = lr · weight_decay``:
+        every expert's trained entries ``weight0 + delta`` and held entries ``copy_decay · weight0``
+        shrink by ``1 - factor`` (what AdamW does to each of the published N copies)."""
+        self.delta.mul_(1 - factor).sub_(self.weight0, alpha=factor)
+        self.copy_decay.mul_(1 - factor)
+
     def merged(self, mode: str = "average"):
         weight = self._merge_formula(self.weight0.detach().float(), self.delta.detach().float(), mode)
         if self.bias_mode == "dense":
             bias = self.bias.detach().float().clone()
         elif self.bias_mode == "split":
-            bias = self._merge_formula(self.bias0.detach().float(), self.bias_delta.detach().float(), mode)
+            bias = self._merge_formula(self.bias0.detach().float(), self.bias_delta.detach().float(), mode, decayed=False)
+        elif self.bias_mode == "per_expert":
+            bias = self.bias0.detach().float() + self.bias_delta.detach().float().mean(0)
         else:
             bias = None
         return weight, bias
@@ -331,31 +381,42 @@ class ExpertSplitMatrix(Matrix):
         return f"{self.num_experts} experts"
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", granularity={self.granularity}, bias={self.bias_mode}"
+        return super().extra_repr() + f", granularity={self.granularity}, bias={self.bias_mode}, decay={self.decay}"
 
 
 class PrunedMatrix(Matrix):
-    """SparseAdapter/SparseLoRA matrix: parameter ``weight`` ``[out, in]`` times buffer ``mask``.
+    """SparseAdapter/SparseLoRA matrix: parameter ``weight`` ``[out, in]`` and a fixed boolean ``mask``.
 
-    The parameter is zero at pruned entries from the start and its gradient there is zero,
-    so AdamW (moments 0, decay of 0 is 0) keeps it exactly zero; the effective weight
-    ``weight * mask`` is zero there regardless. The bias is pruned to the same kept fraction
-    with its own mask (``bias_mode="pruned"``, buffer ``bias_mask``: the papers' counts, e.g.
-    0.79M for SparseAdapter-64 on ViT-L, need it) or kept dense (``"dense"``).
+    Two semantics for the pruned entries (``pruned``):
+
+    - ``zero`` (the SparseAdapter paper): the parameter is zero there from the start and its
+      gradient there is zero, so AdamW (moments 0, decay of 0 is 0) keeps it exactly zero; the
+      effective weight ``weight * mask`` is zero there regardless;
+    - ``frozen`` (the published MoSA baselines, which only mask gradients): the parameter keeps
+      its initial values everywhere; pruned entries get no gradient
+      (``where(mask, weight, weight.detach())``), so they keep their random init — up to the
+      optimizer's decoupled weight decay, which shrinks them as it does in the published code.
+
+    The bias is pruned to the same kept fraction with its own mask (``bias_mode="pruned"``,
+    buffer ``bias_mask``: the papers' counts, e.g. 0.79M for SparseAdapter-64 on ViT-L, need it)
+    or kept dense (``"dense"``).
     """
 
     def __init__(self, role: str, init_weight: torch.Tensor, keep: float, *,
-                 init_bias: torch.Tensor | None = None, bias_mode: str = "pruned",
+                 init_bias: torch.Tensor | None = None, bias_mode: str = "pruned", pruned: str = "zero",
                  generator: torch.Generator | None = None):
         super().__init__(role, *init_weight.shape)
         if bias_mode not in ("pruned", "dense"):
             raise ValueError(f"prune.bias must be 'pruned' or 'dense', got {bias_mode!r}")
+        if pruned not in ("zero", "frozen"):
+            raise ValueError(f"prune.pruned must be 'zero' or 'frozen', got {pruned!r}")
         device = init_weight.device
         mask = random_keep_mask(tuple(init_weight.shape), keep, generator)
         self.keep = keep
+        self.pruned = pruned
         self.kept = kept_count(mask.numel(), keep)  # Python ints, so counting works on the meta device too
         self.register_buffer("mask", mask.to(device))
-        self.weight = nn.Parameter(init_weight.detach().clone() * self.mask)
+        self.weight = nn.Parameter(self._initial(init_weight, self.mask))
         self.bias_mode = bias_mode if init_bias is not None else "none"
         self.bias = None
         if init_bias is not None:
@@ -363,26 +424,34 @@ class PrunedMatrix(Matrix):
                 bias_mask = random_keep_mask(tuple(init_bias.shape), keep, generator)
                 self.kept += kept_count(bias_mask.numel(), keep)
                 self.register_buffer("bias_mask", bias_mask.to(device))
-                self.bias = nn.Parameter(init_bias.detach().clone() * self.bias_mask)
+                self.bias = nn.Parameter(self._initial(init_bias, self.bias_mask))
             else:
                 self.kept += init_bias.numel()
                 self.bias = nn.Parameter(init_bias.detach().clone())
 
+    def _initial(self, init: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return init.detach().clone() * mask if self.pruned == "zero" else init.detach().clone()
+
+    def _masked(self, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pruned == "zero":
+            return value * mask
+        return torch.where(mask, value, value.detach())  # frozen: no gradient on pruned entries
+
     def _effective_bias(self) -> torch.Tensor | None:
-        return self.bias * self.bias_mask if self.bias_mode == "pruned" else self.bias
+        return self._masked(self.bias, self.bias_mask) if self.bias_mode == "pruned" else self.bias
 
     def effective(self):
-        return self.weight * self.mask, self._effective_bias()
+        return self._masked(self.weight, self.mask), self._effective_bias()
 
     def merged(self, mode: str = "average"):
-        bias = self._effective_bias()
-        return self.weight.detach().float() * self.mask, None if bias is None else bias.detach().float()
+        weight, bias = self.effective()
+        return weight.detach().float().clone(), None if bias is None else bias.detach().float().clone()
 
     def extra_params(self) -> int:
         return self.kept
 
     def describe(self) -> str:
-        return f"keep {self.keep:.0%}"
+        return f"keep {self.keep:.0%}" + (", pruned frozen" if self.pruned == "frozen" else "")
 
 
 # --------------------------------------------------------------------------- factory
@@ -416,12 +485,14 @@ def make_matrix(init_weight: torch.Tensor, role: str, rule: dict, ctx: PatchCont
     if experts is not None and role in experts.get("sparse", ["up"]):
         return ExpertSplitMatrix(role, init_weight, int(experts.get("count", 4)), ctx.sampler,
                                  granularity=experts.get("granularity", "all"), init_bias=init_bias,
-                                 bias_mode=experts.get("bias", "dense"), generator=ctx.init_generator)
+                                 bias_mode=experts.get("bias", "per_expert"), decay=experts.get("decay", "toward_init"),
+                                 generator=ctx.init_generator)
     if prune is not None and role in prune.get("matrices", ["down", "up"]):
         if prune.get("score", "random") != "random":
             raise ValueError(f"prune.score {prune['score']!r} is not supported (only 'random')")
         return PrunedMatrix(role, init_weight, float(prune.get("keep", 0.25)), init_bias=init_bias,
-                            bias_mode=prune.get("bias", "pruned"), generator=ctx.init_generator)
+                            bias_mode=prune.get("bias", "pruned"), pruned=prune.get("pruned", "zero"),
+                            generator=ctx.init_generator)
     return DenseMatrix(role, init_weight, init_bias)
 
 

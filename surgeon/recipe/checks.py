@@ -56,6 +56,14 @@ def static_problems(raw: RawRecipe, data: dict) -> list[Problem]:
                 stochastic = True
         if method == "lora" and rule["lora"]["dropout"] > 0:
             stochastic = True
+        if method == "adapter" and rule["adapter"]["input_from"] and rule["adapter"]["placement"] != "parallel":
+            problems.append((raw.where(at + ("adapter", "input_from")), f"surgery.{i}.adapter.input_from",
+                             "input_from applies to parallel adapters (a sequential adapter reads its module's output)",
+                             "remove input_from, or use placement: parallel"))
+        if "experts" in rule and rule["experts"]["decay"] == "toward_zero" and data["train"]["optimizer"] == "sgd":
+            problems.append((raw.where(at + ("experts", "decay")), f"surgery.{i}.experts.decay",
+                             "decay: toward_zero is a decoupled (AdamW) weight decay; train.optimizer is sgd",
+                             "use train.optimizer adamw or adamw_hf, or experts.decay: toward_init"))
 
     ev = data["eval"]
     if ev["inference"] != "merge" and not has_experts:

@@ -166,7 +166,7 @@ def apply_surgery(model: nn.Module, rules: list[dict], *, seed: int = 0,
                 continue
         for j, (mod_name, module) in enumerate(matches):
             ctx = PatchContext(rule=rule, rule_index=i, layer_index=j, num_layers=len(matches),
-                               sampler=sampler, init_generator=init_generator)
+                               sampler=sampler, init_generator=init_generator, root=model)
             target_module = current.get(id(module), module)
             try:
                 before = {id(p) for p in target_module.parameters() if p.requires_grad}

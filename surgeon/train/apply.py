@@ -69,6 +69,10 @@ def prepare(recipe_ref: str | None, *, model: str | None = None, data: str | Non
         recipe_ref = str(RunPaths(Path(resume)).recipe)
     recipe = load_recipe(recipe_ref, overrides or [], model=model, data=data)
     normalize_recipe(recipe)
+    from surgeon.backbone import resolve_model_name
+
+    # The pretrained tag (model.tag) resolved once, so the run records the exact timm name.
+    recipe.data["model"]["name"] = resolve_model_name(recipe["model"])[0]
     seed = recipe["train"]["seed"]
     seed_everything(seed)
     with warnings.catch_warnings():
@@ -141,14 +145,23 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
             plan = net.surgeon_plan
             log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
                     model=recipe["model"]["name"], data=splits.source, num_classes=splits.num_classes,
+                    warmup_steps=trainer.budget.warmup_steps, batch_size=recipe["train"]["batch_size"],
                     class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
                     precision=trainer.precision, seed=recipe["train"]["seed"], provenance=splits.provenance,
                     lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
                     steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None)
+            budget = trainer.budget
             console.print(f"{recipe.name} on {recipe['model']['name']}: {plan.extra_params / 1e6:.4f}M extra params, "
                           f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
-                          f"{splits.num_classes} classes; {trainer.budget.total_steps} steps on {device} "
+                          f"{splits.num_classes} classes; peak lr {trainer.optimizer.param_groups[0]['initial_lr']:.3g} "
+                          f"({recipe['train']['optimizer']}), batch {recipe['train']['batch_size']}, "
+                          f"{budget.warmup_steps} warm-up + {budget.total_steps - budget.warmup_steps} decay = "
+                          f"{budget.total_steps} steps ({budget.epochs} epochs of {budget.steps_per_epoch}) on {device} "
                           f"({trainer.precision})", markup=False)
+            if budget.warmup_clamped:
+                console.print(f"warning: the warm-up ({budget.warmup_requested} steps) covered more than half of the "
+                              f"run ({budget.total_steps} steps); shortened to {budget.warmup_steps} steps "
+                              f"(set train.warmup_epochs or train.warmup_steps to choose)", markup=False)
             setup_seconds = time.perf_counter() - t_setup
 
             trainer.train()
@@ -156,7 +169,12 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
             summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
             write_summary(paths, summary)
             _write_analysis(net, paths, console)
-            line = f"done: best val top-1 {_pct(summary['best_val_top1'])} at step {summary['best_step']}"
+            if summary["val_in_train"]:
+                line = (f"done: val top-1 {_pct(summary['best_val_top1'])} at best (val images are training images: "
+                        f"not a held-out score); reported: the {summary['checkpoint']} state, step {summary['reported_step']}")
+            else:
+                line = (f"done: best val top-1 {_pct(summary['best_val_top1'])} at step {summary['best_step']}; "
+                        f"reported: the {summary['checkpoint']} state, step {summary['reported_step']}")
             if summary["test_top1"] is not None:
                 line += f", test top-1 {_pct(summary['test_top1'])}"
             console.print(line + f"; {summary['img_per_s']:.1f} img/s", markup=False)

@@ -4,13 +4,16 @@ With ``regularizers.consistency.weight`` = α and ``regularizers.feature_alignme
 a batch ``x`` (labels ``y``) goes through the model twice with independent expert draws, giving
 logits ``z1, z2`` ``[B, K]`` and block features ``h1_l, h2_l``::
 
-    loss = CE(z1, y) + α · ½ (KL(p1 ‖ sg p2) + KL(p2 ‖ sg p1)) + β · mean_l MSE(h1_l, h2_l)
+    loss = CE(z1, y) + α · ½ (KL(p1 ‖ sg p2) + KL(p2 ‖ sg p1)) + β · Σ_{l ∈ blocks} MSE(h1_l, h2_l) / L
 
 ``sg`` is stop-gradient on the target side, as in the published code. Each KL term is computed as
 ``F.kl_div(log_softmax(z_pred), softmax(z_target).detach(), reduction="batchmean")``, i.e. the
 divergence of the prediction from the detached target, summed over classes and averaged over
 the batch; each pass gets the gradient that pulls it towards the other. Alignment features are
-each block's output captured by forward hooks (no stop-gradient: both passes move together).
+the chosen blocks' outputs captured by forward hooks (no stop-gradient: both passes move
+together); ``L`` is the model's number of blocks (12 on ViT-B). This is the published
+``DEEPREG`` term exactly: ``REG_WEIGHT · 0.01 · Σ_{l<6} MSE / 12`` is β = 0.01 (with α = 1,
+blocks ``0:6``) — the value that reproduces the paper.
 
 ``batched`` runs both passes as one forward of ``[2B]``: the model's ``ExpertSampler`` is told
 ``groups = 2`` so every expert layer draws one expert for each half.
@@ -40,10 +43,12 @@ def consistency_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     return 0.5 * (kl_1 + kl_2)
 
 
-def alignment_loss(feats1: list[torch.Tensor], feats2: list[torch.Tensor]) -> torch.Tensor:
-    """``mean_l MSE(h1_l, h2_l)`` over paired block outputs (any shapes, pairwise equal)."""
+def alignment_loss(feats1: list[torch.Tensor], feats2: list[torch.Tensor], num_blocks: int | None = None) -> torch.Tensor:
+    """``Σ_l MSE(h1_l, h2_l) / num_blocks`` over paired block outputs (any shapes, pairwise equal);
+    ``num_blocks`` defaults to the number of pairs (then it is the mean)."""
     assert feats1 and len(feats1) == len(feats2), (len(feats1), len(feats2))
-    return torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(feats1, feats2)]).mean()
+    total = torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(feats1, feats2)]).sum()
+    return total / (num_blocks or len(feats1))
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -108,6 +113,7 @@ class Objective:
         self.batched = bool(reg_cfg["consistency"]["batched"])
         self.two_passes = self.alpha > 0 or self.beta > 0
         self.features = None
+        self.num_blocks = None
         # Steps whose two passes gave identical logits, counted until they first differ (-1).
         # Right after initialisation they may legitimately agree (a zero-init up-projection
         # makes every expert the identity), so only a long streak means the draws do nothing.
@@ -125,6 +131,7 @@ class Objective:
                                 f"the model's {len(blocks)} blocks", where="regularizers.feature_alignment.blocks",
                                 hint=f"use a slice within 0:{len(blocks)}")
             self.features = BlockFeatures(chosen)
+            self.num_blocks = len(blocks)
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.features is None:
@@ -161,6 +168,6 @@ class Objective:
                               + ")", stacklevel=2)
         ce = F.cross_entropy(z1.float(), y)
         cons = consistency_loss(z1, z2) if self.alpha > 0 else zero
-        align = alignment_loss(f1, f2) if self.beta > 0 else zero
+        align = alignment_loss(f1, f2, self.num_blocks) if self.beta > 0 else zero
         loss = ce + self.alpha * cons + self.beta * align
         return {"loss": loss, "ce": ce, "consistency": cons, "alignment": align}

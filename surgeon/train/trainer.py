@@ -278,20 +278,36 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------ finish
+    def reported_step(self, checkpoint: str) -> int:
+        """The step whose state is tested and saved: the best val step, or the last step."""
+        return (self.best_step or self.step) if checkpoint == "best" else self.step
+
+    def selected_checkpoint(self) -> str:
+        """``best`` (the best val state) or ``last`` (the end of the schedule), per
+        ``eval.checkpoint``; ``auto`` is ``last`` when the val images are training images (the
+        final protocol of VTAB-style data: a best-val choice there is a choice on training
+        data) or there is no val split, else ``best``."""
+        choice = self.recipe["eval"].get("checkpoint", "auto")
+        if choice == "auto":
+            choice = "last" if self.splits.val is None or self.splits.val_in_train else "best"
+        return choice
+
     def finish(self) -> dict:
-        """Select the best state, test it, write adapter, predictions, end event and summary."""
-        if self.splits.val is not None and self.paths.best.is_file():
+        """Select the reported state (best val or last), test it, write adapter, predictions,
+        end event and summary."""
+        checkpoint = self.selected_checkpoint()
+        if checkpoint == "best" and self.splits.val is not None and self.paths.best.is_file():
             load_surgery_state(self.model, load_tensors(self.paths.best), str(self.paths.best))
         save_tensors(self.paths.adapter, surgery_state(self.model),
                      metadata={"format": "surgeon-adapter", "recipe": self.recipe.name,
-                               "model": self.recipe["model"]["name"], "step": str(self.best_step or self.step),
+                               "model": self.recipe["model"]["name"], "step": str(self.reported_step(checkpoint)),
                                "backbone_fingerprint": backbone_fingerprint(self.model)})
         test_top1 = None
         final_split, final = None, None
         if self.splits.test is not None:
             final_split, final = "test", self.evaluate(self.splits.test, "test")
             test_top1 = final.top1
-            self.log.log("eval", split="test", step=self.best_step or self.step, epoch=self.epoch,
+            self.log.log("eval", split="test", step=self.reported_step(checkpoint), epoch=self.epoch,
                          top1=finite_or_none(final.top1),
                          loss=finite_or_none(final.loss), inference=final.inference, n=final.n, time=self.elapsed())
         elif self.splits.val is not None:
@@ -315,6 +331,9 @@ class Trainer:
             "class_names": list(self.splits.class_names),
             "best_val_top1": self.best_top1,
             "best_step": self.best_step,
+            "checkpoint": checkpoint,
+            "reported_step": self.reported_step(checkpoint),
+            "val_in_train": self.splits.val_in_train,
             "test_top1": test_top1,
             "final_split": final_split,
             "final_top1": final.top1 if final else None,

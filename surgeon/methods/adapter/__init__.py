@@ -33,6 +33,21 @@ def _label(rule: dict) -> str:
     return ""
 
 
+def _sibling(root: nn.Module | None, name: str, candidates: str | list[str]) -> tuple[str, nn.Module]:
+    """The first of ``candidates`` beside ``name`` (same parent), e.g. ``blocks.3.norm2`` for
+    ``blocks.3.mlp``; returns ``(child name, module)``."""
+    candidates = [candidates] if isinstance(candidates, str) else list(candidates)
+    parent_name = name.rpartition(".")[0]
+    parent = root.get_submodule(parent_name) if root is not None and parent_name else root
+    for sibling in candidates:
+        module = getattr(parent, sibling, None) if parent is not None else None
+        if isinstance(module, nn.Module):
+            return sibling, module
+    children = ", ".join(n for n, _ in parent.named_children()) if parent is not None else "?"
+    raise ValueError(f"adapter.input_from: '{parent_name or '(model)'}' has no child named {' or '.join(candidates)} "
+                     f"(its children: {children})")
+
+
 @register
 class Adapter(Method):
     key = "adapter"
@@ -72,7 +87,10 @@ class Adapter(Method):
         layer = AdapterLayer(module, down, up, placement=cfg.get("placement", "parallel"),
                              activation=cfg.get("activation", "gelu"), layernorm=bool(cfg.get("layernorm", False)),
                              scale=float(cfg.get("scale", 0.1)), learnable_scale=bool(cfg.get("learnable_scale", False)),
-                             channel_dim=channel_dim, module_name=name, label=_label(rule))
+                             channel_dim=channel_dim, module_name=name, label=_label(rule),
+                             dropout=float(cfg.get("dropout", 0.0)))
+        if cfg.get("input_from"):
+            layer.read_input_of(*_sibling(ctx.root, name, cfg["input_from"]))
         layer.norm.to(device=device, dtype=dtype)
         if isinstance(layer.scale, nn.Parameter):
             layer.scale.data = layer.scale.data.to(device=device, dtype=dtype)

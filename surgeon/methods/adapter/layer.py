@@ -49,12 +49,26 @@ def module_io(module: nn.Module) -> tuple[int, int, int] | None:
 def _norm(channels: int, channel_dim: int, enabled: bool) -> nn.Module:
     if not enabled:
         return nn.Identity()
-    return nn.LayerNorm(channels) if channel_dim == -1 else LayerNorm2d(channels)
+    # eps 1e-6: timm's ViT norms and the published MoSA adapter_norm use it.
+    return nn.LayerNorm(channels, eps=1e-6) if channel_dim == -1 else LayerNorm2d(channels, eps=1e-6)
 
 
 def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
     # timm calls blocks/MLPs/attention with the features first; some pass them as x=.
     return args[0] if args else kwargs["x"]
+
+
+def _stash_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on an ``adapter.input_from`` module: keep its input for the adapter that
+    reads it. A plain function (no closure), so a deep copy of the model keeps working."""
+    module.__dict__["_surgeon_input"] = _input_of(args, kwargs)
+
+
+def watch_input(module: nn.Module) -> None:
+    """Make ``module`` keep its latest input for an adapter with ``input_from`` (idempotent)."""
+    if not getattr(module, "_surgeon_watched", False):
+        module.register_forward_pre_hook(_stash_input, with_kwargs=True)
+        module.__dict__["_surgeon_watched"] = True
 
 
 class _AdapterForward(SurgeryLayer):
@@ -64,13 +78,38 @@ class _AdapterForward(SurgeryLayer):
     channel_dim: int
     module_name: str
     in_features: int
+    input_from: str | None = None
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_input_of(self, name: str | None, module: nn.Module | None) -> None:
+        """Read the adapter's input from ``module`` (a sibling of the wrapped module, e.g. the
+        block's ``norm2`` in front of its ``mlp``) instead of the wrapped module's own input.
+
+        The sibling is held as a plain attribute, not a submodule (it belongs to the backbone).
+        """
+        self.input_from = name
+        self.__dict__["_input_module"] = module
+        if module is not None:
+            watch_input(module)
+
+    def _source(self, args: tuple, kwargs: dict, out):
+        if self.placement == "sequential":
+            return out
+        if self.input_from is None:
+            return _input_of(args, kwargs)
+        source = self.__dict__["_input_module"].__dict__.pop("_surgeon_input", None)
+        if source is None:
+            raise UserError(f"the adapter on {self.module_name} reads the input of its sibling '{self.input_from}', "
+                            f"which did not run before it in this forward pass",
+                            hint="adapter.input_from must name a module the parent calls just before the target "
+                                 "(e.g. norm2 before mlp in a transformer block)")
+        return source
+
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)  # pass everything through: EVA rope=, BEiT shared_rel_pos_bias=
-        source = _input_of(args, kwargs) if self.placement == "parallel" else out
+        source = self._source(args, kwargs, out)
         if not isinstance(out, torch.Tensor) or not isinstance(source, torch.Tensor):
             raise UserError(f"the adapter on {self.module_name} needs a module that maps one tensor to one tensor, "
                             f"but it returns {type(out).__name__}", hint="target the module's parent or child instead")
@@ -96,8 +135,10 @@ class AdapterLayer(_AdapterForward):
         down: :class:`Matrix` ``[bottleneck, in]``; up: :class:`Matrix` ``[out, bottleneck]``.
         placement: ``parallel`` or ``sequential``.
         activation: ``gelu`` | ``relu`` | ``silu``.
-        layernorm: LayerNorm (affine, trainable) on the adapter's input.
+        layernorm: LayerNorm (affine, trainable, eps 1e-6) on the adapter's input.
         scale: s; a trainable scalar parameter ``scale`` if ``learnable_scale``.
+        dropout: dropout probability on the bottleneck activation (after the non-linearity,
+            before ``up``; training only), as the published MoSA/AdaptFormer adapters.
         channel_dim: -1 (channels-last) or 1 (NCHW).
         module_name: the module's name in the model (for messages).
         label: the matrices' strategy for :meth:`describe`, e.g. ``4 experts (up)``.
@@ -107,7 +148,7 @@ class AdapterLayer(_AdapterForward):
 
     def __init__(self, base_layer: nn.Module, down: Matrix, up: Matrix, *, placement: str, activation: str,
                  layernorm: bool, scale: float, learnable_scale: bool, channel_dim: int, module_name: str = "",
-                 label: str = ""):
+                 label: str = "", dropout: float = 0.0):
         super().__init__(base_layer)
         assert placement in ("parallel", "sequential")
         self.placement = placement
@@ -118,6 +159,7 @@ class AdapterLayer(_AdapterForward):
         self.norm = _norm(down.in_features, channel_dim, layernorm)
         self.down = down
         self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = up
         if learnable_scale:
             self.scale = nn.Parameter(torch.tensor(float(scale)))
@@ -126,7 +168,7 @@ class AdapterLayer(_AdapterForward):
         self.label = label
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.down(self.norm(x), self.channel_dim))
+        h = self.dropout(self.act(self.down(self.norm(x), self.channel_dim)))
         return self.up(h, self.channel_dim) * self.scale
 
     def extra_params(self) -> int:
@@ -139,12 +181,15 @@ class AdapterLayer(_AdapterForward):
         return counts.pop() if counts else None
 
     def describe(self) -> str:
-        parts = [self.placement, f"bottleneck {self.down.out_features}"]
+        parts = [self.placement + (f" from {self.input_from} input" if self.input_from else ""),
+                 f"bottleneck {self.down.out_features}"]
         if not isinstance(self.norm, nn.Identity):
             parts.append("LN")
         learnable = isinstance(self.scale, nn.Parameter)
         parts.append(f"{self.activation}, s={float(self.scale.detach()) if learnable else self.scale:g}"
                      + (" learnable" if learnable else ""))
+        if isinstance(self.dropout, nn.Dropout):
+            parts.append(f"dropout {self.dropout.p:g}")
         if self.label:
             parts.append(self.label)
         return ", ".join(parts)
@@ -172,6 +217,7 @@ class AdapterLayer(_AdapterForward):
                                out_features=self.up.out_features, placement=self.placement, activation=self.activation,
                                layernorm=not isinstance(self.norm, nn.Identity), channel_dim=self.channel_dim,
                                down_bias=down_b is not None, up_bias=up_b is not None, module_name=self.module_name)
+        merged.read_input_of(self.input_from, self.__dict__.get("_input_module"))
         for module in (merged.norm, merged.down, merged.up):  # base_layer stays where it is
             module.to(device=down_w.device)
         merged.down.weight.copy_(down_w)
