@@ -95,7 +95,11 @@ def expected_params(recipe: str, family: str) -> int:
             total += sum(tensors)
         # The adapter's own LayerNorm (dense, also in the pruned SparseAdapter): Pfeiffer, and the
         # published MoSA code's AdaptFormer that the other recipes reproduce; Houlsby has none.
-        total += 0 if recipe == "houlsby" else 2 * c
+        norm = [c, c]  # the adapter's LayerNorm weight and bias (pruned too in SparseAdapter)
+        if recipe == "sparse_adapter":
+            total += sum(max(1, round(0.25 * n)) for n in norm)
+        elif recipe != "houlsby":
+            total += sum(norm)
     return total
 
 
@@ -399,6 +403,9 @@ PAPER = [  # (recipe, model, overrides, paper's Params (M), where)
     ("pfeiffer", "vit_base_patch16_224", {}, 1.21, "MoSA T12"),
     ("houlsby", "vit_base_patch16_224", {}, 2.38, "MoSA T12"),
     ("houlsby", "vit_base_patch16_224", {"surgery.0.prune": {"keep": 0.25}}, 0.59, "MoSA T12 SparseAdapter-Houlsby"),
+    # with its LayerNorm pruned too, as the published code prunes every adapter tensor (0.32M kept dense)
+    ("pfeiffer", "vit_base_patch16_224", {"surgery.0.prune": {"keep": 0.25, "norm": True}}, 0.30,
+     "MoSA T12 SparseAdapter-Pfeiffer"),
     ("adaptformer", "vit_large_patch16_224", {}, 3.17, "MoSA T10"),
     ("mosa_hier", "vit_large_patch16_224", {}, 3.17, "MoSA T10"),
     ("sparse_adapter", "vit_large_patch16_224", {}, 0.79, "MoSA T10"),
@@ -432,9 +439,10 @@ def test_paper_param_counts():
 
 
 def test_shipped_recipes_count_the_adapter_norm():
-    """As shipped (with the published code's adapter LayerNorm): 1.21M / 0.32M on ViT-B/16."""
+    """As shipped (with the published code's adapter LayerNorm, pruned to 25% in SparseAdapter as the
+    published code prunes it): 1.21M / 0.30M on ViT-B/16."""
     for recipe, expected in (("adaptformer", 1_189_632 + 12 * 2 * 768), ("mosa_hier", 1_189_632 + 12 * 2 * 768),
-                             ("sparse_adapter", 297_408 + 12 * 2 * 768)):
+                             ("sparse_adapter", 297_408 + 12 * 2 * 192)):
         r = surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
         model = create_backbone(r["model"], weights=False, device="meta")
         assert apply_surgery(model, r["surgery"], probe=False).extra_params == expected, recipe

@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from surgeon.errors import RecipeError
+from surgeon.errors import RecipeError, UserError
 from surgeon.methods.base import ExpertSampler, PatchContext, SurgeryLayer, get_method
 
 from .selectors import select_modules
@@ -226,6 +226,11 @@ def _probe(model: nn.Module, patched, locate: Locate) -> list:
     try:
         with torch.no_grad():
             model(probe_input(model))
+    except UserError as exc:  # a layer that cannot work where it was put: blame its rule
+        rule = next((i for i, name, _ in patched if name == exc.where), None)
+        if rule is None:
+            raise
+        return [(locate(("surgery", rule, "target")), f"surgery.{rule}.target", exc.message, exc.hint)]
     finally:
         model.train(was_training)
         for h in hooks:

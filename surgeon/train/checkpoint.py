@@ -191,6 +191,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The torch seed of optimizer step ``step`` (dropout masks and any other torch randomness of
+    the step): a function of the run seed, the step and the process rank only, so a resumed run,
+    an official-code replay or another world size draws the same masks for the same step."""
+    return int(np.random.SeedSequence([int(seed), int(step), int(rank), 2]).generate_state(1)[0])
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, state: dict) -> None:

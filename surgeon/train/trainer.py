@@ -26,7 +26,7 @@ from surgeon.errors import UserError
 from surgeon.evaluate import EvalResult, autocast_context, evaluate
 from surgeon.run import MetricsLog, RunPaths, finite_or_none, write_json
 from surgeon.train.checkpoint import (backbone_fingerprint, load_surgery_state, load_tensors, rng_state, save_checkpoint, save_tensors,
-                                      set_rng_state, surgery_state)
+                                      set_rng_state, step_seed, surgery_state)
 from surgeon.train.progress import TrainProgress
 from surgeon.train.regularizers import Objective
 from surgeon.train.schedule import build_optimizer, build_scheduler, peak_lr, step_budget
@@ -196,6 +196,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         n = len(labels)
+        torch.manual_seed(step_seed(self.cfg["seed"], self.step))  # this step's dropout masks
         self.optimizer.zero_grad(set_to_none=True)
         terms = torch.zeros(len(LOSS_TERMS), device=self.device)  # batch-weighted sums of the loss terms
         finite = True

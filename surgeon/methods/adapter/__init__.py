@@ -15,7 +15,7 @@ import torch.nn as nn
 from surgeon.methods.base import Method, PatchContext, register
 from surgeon.methods.matrices import is_expert_split, kaiming_uniform, make_matrix
 
-from .layer import AdapterLayer, MergedAdapter, module_io
+from .layer import AdapterLayer, MergedAdapter, PrunedLayerNorm, module_io
 
 __all__ = ["Adapter", "AdapterLayer", "MergedAdapter", "module_io"]
 
@@ -89,6 +89,10 @@ class Adapter(Method):
                              scale=float(cfg.get("scale", 0.1)), learnable_scale=bool(cfg.get("learnable_scale", False)),
                              channel_dim=channel_dim, module_name=name, label=_label(rule),
                              dropout=float(cfg.get("dropout", 0.0)))
+        prune = rule.get("prune")
+        if prune is not None and prune.get("norm") and not isinstance(layer.norm, nn.Identity):
+            layer.norm = PrunedLayerNorm(layer.norm, float(prune.get("keep", 0.25)), prune.get("pruned", "zero"),
+                                         channel_dim, ctx.init_generator)
         if cfg.get("input_from"):
             layer.read_input_of(*_sibling(ctx.root, name, cfg["input_from"]))
         layer.norm.to(device=device, dtype=dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from surgeon.errors import UserError
 from surgeon.methods.base import ACTIVATIONS, SurgeryLayer
@@ -51,6 +52,44 @@ def _norm(channels: int, channel_dim: int, enabled: bool) -> nn.Module:
         return nn.Identity()
     # eps 1e-6: timm's ViT norms and the published MoSA adapter_norm use it.
     return nn.LayerNorm(channels, eps=1e-6) if channel_dim == -1 else LayerNorm2d(channels, eps=1e-6)
+
+
+class PrunedLayerNorm(nn.Module):
+    """The adapter's LayerNorm with its affine ``weight``/``bias`` pruned to a kept fraction
+    (``prune.norm``: the published SparseAdapter baseline prunes every trainable adapter tensor).
+
+    Pruned entries follow ``prune.pruned`` as the matrices do: ``zero`` (zero and stay zero) or
+    ``frozen`` (keep their init, 1 and 0, and get no gradient). Channels-last, or NCHW
+    (``channel_dim=1``: normalised over dim 1, as timm's ``LayerNorm2d``).
+    """
+
+    def __init__(self, norm: nn.LayerNorm, keep: float, pruned: str, channel_dim: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        from surgeon.methods.matrices import kept_count, random_keep_mask
+
+        self.normalized_shape, self.eps, self.channel_dim, self.pruned = norm.normalized_shape, norm.eps, channel_dim, pruned
+        self.keep = keep
+        self.kept = 0
+        for name in ("weight", "bias"):
+            init = getattr(norm, name).detach()
+            mask = random_keep_mask(tuple(init.shape), keep, generator).to(init.device)
+            self.register_buffer(f"{name}_mask", mask)
+            self.register_parameter(name, nn.Parameter(init.clone() * mask if pruned == "zero" else init.clone()))
+            self.kept += kept_count(mask.numel(), keep)
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` ``[C]`` with the pruned entries zero or frozen."""
+        out = []
+        for value, mask in ((self.weight, self.weight_mask), (self.bias, self.bias_mask)):
+            out.append(value * mask if self.pruned == "zero" else torch.where(mask, value, value.detach()))
+        return out[0], out[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.effective()
+        if self.channel_dim == 1:
+            return F.layer_norm(x.movedim(1, -1), self.normalized_shape, weight, bias, self.eps).movedim(-1, 1)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -102,7 +141,7 @@ class _AdapterForward(SurgeryLayer):
         source = self.__dict__["_input_module"].__dict__.pop("_surgeon_input", None)
         if source is None:
             raise UserError(f"the adapter on {self.module_name} reads the input of its sibling '{self.input_from}', "
-                            f"which did not run before it in this forward pass",
+                            f"which did not run before it in this forward pass", where=self.module_name,
                             hint="adapter.input_from must name a module the parent calls just before the target "
                                  "(e.g. norm2 before mlp in a transformer block)")
         return source
@@ -172,7 +211,7 @@ class AdapterLayer(_AdapterForward):
         return self.up(h, self.channel_dim) * self.scale
 
     def extra_params(self) -> int:
-        norm = sum(p.numel() for p in self.norm.parameters())
+        norm = self.norm.kept if isinstance(self.norm, PrunedLayerNorm) else sum(p.numel() for p in self.norm.parameters())
         return self.down.extra_params() + self.up.extra_params() + norm + (1 if isinstance(self.scale, nn.Parameter) else 0)
 
     @property
@@ -226,7 +265,11 @@ class AdapterLayer(_AdapterForward):
             merged.down.bias.copy_(down_b)
         if up_b is not None:
             merged.up.bias.copy_(up_b)
-        if not isinstance(self.norm, nn.Identity):
+        if isinstance(self.norm, PrunedLayerNorm):
+            weight, bias = self.norm.effective()
+            merged.norm.weight.copy_(weight)
+            merged.norm.bias.copy_(bias)
+        elif not isinstance(self.norm, nn.Identity):
             merged.norm.load_state_dict(self.norm.state_dict())
         # Store in the dtype the adapter trained in (fp32 normally; bf16 if the model was cast),
         # rounding once after the fp32 arithmetic.
