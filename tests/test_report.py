@@ -77,7 +77,7 @@ def make_run(root: Path, name: str = "mosa-hier", data: str = "builtin:digits", 
     run.mkdir(parents=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(fake_recipe(name, data, seed, k), sort_keys=False))
     unit = 100.0 if percent else 1.0
-    events = [{"event": "start", "time": "2025-01-01T10:00:00", "recipe": name, "model": "vit_tiny_patch16_224",
+    events = [{"event": "start", "time": "2025-01-01T10:00:00", "recipe": name, "model": "vit_tiny_patch16_224", "lr": 5e-4,
                "data": data, "num_classes": k, "plan": fake_plan(), "device": "cpu", "seed": seed,
                "provenance": "Built-in data set 'digits': scikit-learn's bundled handwritten digits."}]
     for s in range(1, steps + 1):
@@ -331,11 +331,13 @@ def test_dataset_short_name(source, short):
 # ---- comparisons -----------------------------------------------------------------------
 
 def result(method, dataset, seed, top1, *, metric="test", finished=True, params=0.3, seconds=60.0, **kw):
+    settings = {"lr": kw.get("lr", "0.005"), "batch": "32", "epochs": "5", "backbone": kw.get("model", "vit_tiny"),
+                "precision": "fp32"}
     return RunResult(run_dir=Path(f"/runs/{method}-{dataset}-{seed}-{kw.get('inference', 'merge')}"), method=method,
                      dataset=dataset, data_source=f"builtin:{dataset}", model=kw.get("model", "vit_tiny"), seed=seed,
                      inference=kw.get("inference", "merge"), top1=top1, metric=metric, best_val=top1,
                      test_top1=top1 if metric == "test" else None, params_m=params, train_seconds=seconds,
-                     img_per_s=500.0, steps=100, finished=finished)
+                     img_per_s=500.0, steps=100, finished=finished, settings=settings)
 
 
 def test_comparison_mean_and_sample_std_over_seeds():
@@ -388,6 +390,26 @@ def test_compare_runs_writes_md_html_csv_and_plot(tmp_path):
     assert expand_run_dirs(sorted(runs.iterdir())) == sorted(dirs)
     assert expand_run_dirs([runs]) == sorted(dirs)
     assert [r.top1 for r in collect_runs(dirs)] == pytest.approx([80.0, 85.0, 90.0, 70.0])
+
+
+def test_comparison_shows_settings_that_differ_between_rows_and_warns():
+    results = [result("mosa", "digits", 1, 80.0, lr="0.005"), result("mosa", "count", 1, 60.0, lr="0.01"),
+               result("lora", "digits", 1, 70.0, lr="0.001"), result("lora", "count", 1, 50.0, lr="0.001")]
+    table = comparison_table(results)
+    assert table.columns[-1] == "lr" and "batch" not in table.columns  # only what differs between rows
+    assert table.rows[0][-1] == "0.005 / 0.01" and table.rows[1][-1] == "0.001"  # tuned per data set: both shown
+    assert any("differ in lr" in n for n in table.notes)
+    same = comparison_table([result("mosa", "digits", 1, 80.0), result("lora", "digits", 1, 70.0)])
+    assert same.columns[-1] == "Train time / run" and not any("differ in" in n for n in same.notes)
+
+
+def test_comparison_report_lists_every_rows_resolved_settings(tmp_path):
+    runs = tmp_path / "runs"
+    dirs = [make_run(runs, "mosa", seed=1), make_run(runs, "lora", seed=1)]
+    md = squash(compare_runs(dirs).read_text())
+    assert "## Training settings per row" in md
+    assert "| Method | lr | batch | epochs | backbone | precision |" in md
+    assert "| mosa | 0.0005 | 64 | 3 | vit_tiny_patch16_224 |" in md
 
 
 # ---- command line ----------------------------------------------------------------------

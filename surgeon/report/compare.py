@@ -49,6 +49,7 @@ class RunResult:
     steps: int | None
     finished: bool
     problems: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)  # lr, batch, epochs, backbone, precision
 
     @classmethod
     def from_run(cls, run: RunData) -> "RunResult":
@@ -57,7 +58,7 @@ class RunResult:
                    model=run.model, seed=run.seed, inference=run.inference, top1=top1, metric=metric,
                    best_val=run.best_val[0], test_top1=run.test_top1, params_m=run.params_m,
                    train_seconds=run.train_seconds, img_per_s=run.img_per_s, steps=run.steps,
-                   finished=run.finished, problems=list(run.problems))
+                   finished=run.finished, problems=list(run.problems), settings=run.settings)
 
 
 def is_comparison_dir(path: Path) -> bool:
@@ -137,6 +138,13 @@ class Comparison:
     models: list[str]
     results: list[RunResult]
     labels: dict[Path, str]  # run_dir → its row label
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)  # row → setting → value(s)
+
+    @property
+    def differing(self) -> list[str]:
+        """The settings (lr, batch, epochs, backbone, precision) whose values differ between rows."""
+        keys = list(dict.fromkeys(k for row in self.settings.values() for k in row))
+        return [k for k in keys if len({row.get(k) for row in self.settings.values()}) > 1]
 
     @property
     def typical_n(self) -> int:
@@ -190,7 +198,13 @@ def comparison(results: list[RunResult]) -> Comparison:
         t = [r.train_seconds for r in runs if r.train_seconds is not None]
         times[m] = statistics.fmean(t) if t else None
     models = list(dict.fromkeys(r.model for r in results))
-    return Comparison(methods, datasets, cells, row_mean, params, times, models, list(results), labels)
+    settings = {}
+    for m in methods:
+        runs = [r for r in results if labels[r.run_dir] == m]
+        keys = list(dict.fromkeys(k for r in runs for k in r.settings))
+        # Distinct values in first-appearance order (a tuned method may use one lr per data set).
+        settings[m] = {k: " / ".join(dict.fromkeys(r.settings.get(k, "?") for r in runs)) for k in keys}
+    return Comparison(methods, datasets, cells, row_mean, params, times, models, list(results), labels, settings)
 
 
 def format_cell(cell: Cell | None, typical_n: int, digits: int = 1) -> str:
@@ -222,13 +236,14 @@ def comparison_table(results: list[RunResult] | Comparison, *, digits: int = 1) 
     """
     comp = results if isinstance(results, Comparison) else comparison(results)
     n = comp.typical_n
+    differing = comp.differing
     rows = []
     for m in comp.methods:
         mean = comp.row_mean[m]
         rows.append([m] + [format_cell(comp.cells.get((m, d)), n, digits) for d in comp.datasets]
                     + ["—" if mean is None else f"{mean:.{digits}f}", _params_text(comp.params_m[m]),
-                       duration(comp.train_seconds[m])])
-    columns = ["Method"] + comp.datasets + ["Mean", "Params (M)", "Train time / run"]
+                       duration(comp.train_seconds[m])] + [comp.settings[m].get(k, "?") for k in differing])
+    columns = ["Method"] + comp.datasets + ["Mean", "Params (M)", "Train time / run"] + differing
     spread = f"mean ± sample std over {n} seeds per cell" if n > 1 else "one run per cell"
     backbones = ", ".join(f"`{x}`" for x in comp.models)
     notes = [f"Top-1 accuracy (%), {spread}; backbone {backbones}; "
@@ -244,7 +259,19 @@ def comparison_table(results: list[RunResult] | Comparison, *, digits: int = 1) 
         notes.append("Some runs logged no accuracy at all and are left out of their cells.")
     if any(len(set(map(repr, c.seeds))) < c.n for c in cells):
         notes.append("Some cells average runs with the same seed.")
+    if differing:
+        notes.append(f"**Warning:** the rows differ in {', '.join(differing)} as well as in the method (columns "
+                     "on the right), so a difference between rows is not the method's alone.")
     return Table(columns, rows, ["l"] + ["r"] * (len(columns) - 1), notes=notes)
+
+
+def settings_table(comp: Comparison) -> Table:
+    """Per row, the resolved training settings (peak lr after scaling, batch, epochs, backbone,
+    precision): values that differ between the runs of one row are joined with ``/``."""
+    keys = list(dict.fromkeys(k for row in comp.settings.values() for k in row))
+    rows = [[m] + [comp.settings[m].get(k, "?") for k in keys] for m in comp.methods]
+    return Table(["Method"] + keys, rows, ["l"] * (len(keys) + 1),
+                 notes=["lr: the peak learning rate the optimizer reached (after any batch scaling)."])
 
 
 def runs_table(comp: Comparison, base_dir: Path) -> Table:
@@ -340,6 +367,7 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, *, title: st
                                 + ", ".join(f"`{r.run_dir.name}`" for r in unfinished) + "."))
     if bars:
         blocks.append(Figure(bars, "Top-1 (%) per data set; whiskers: sample std over seeds."))
+    blocks += [Heading("Training settings per row"), settings_table(comp)]
     blocks += list(extra_blocks or [])
     blocks += [Heading("Runs"), runs_table(comp, out)]
     problems = [f"`{r.run_dir.name}`: {p}" for r in results for p in r.problems]

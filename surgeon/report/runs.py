@@ -177,6 +177,20 @@ class RunData:
         return float(obj) if _is_number(obj) else None
 
     @property
+    def settings(self) -> dict[str, str]:
+        """The training settings a comparison must show side by side, as short strings: the peak
+        ``lr`` AdamW reached (after any scaling), ``batch``, ``epochs``, ``backbone`` (the timm
+        name with its tag), ``precision``."""
+        train = self.recipe.get("train") or {}
+        lr = self.start.get("lr")
+        epochs = self._final("epochs") if _is_number(self._final("epochs")) else train.get("epochs")
+        values = {"lr": f"{lr:.3g}" if _is_number(lr) else None,
+                  "batch": self.start.get("batch_size", train.get("batch_size")),
+                  "epochs": epochs, "backbone": self.model,
+                  "precision": self.start.get("precision", train.get("precision"))}
+        return {k: "?" if v is None else str(v) for k, v in values.items()}
+
+    @property
     def img_per_s(self) -> float | None:
         value = self._final("img_per_s")
         if _is_number(value):
