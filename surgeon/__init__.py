@@ -46,7 +46,8 @@ def build_model(recipe: Recipe | str | dict, *, weights: bool = True, num_classe
     Returns:
         the patched ``nn.Module``; its :class:`SurgeryPlan` is ``model.surgeon_plan``.
     """
-    from surgeon.backbone import create_backbone  # torch + timm: only when a model is built
+    # torch + timm (seconds to import): only when a model is built
+    from surgeon.backbone import create_backbone
     from surgeon.surgery import apply_surgery
 
     if not isinstance(recipe, Recipe):

@@ -22,6 +22,7 @@ def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
         matches.add_row(str(m["rule"]), escape(m["selector"]), m["method"], str(m["count"]))
 
     # Modules patched alike differ only in their block index: one row each (blocks.*.mlp × 12).
+    # Imported here: the surgeon.report package pulls in matplotlib, which only reports need.
     from surgeon.report.tables import collapse_targets
 
     targets = Table(title="patched modules", title_justify="left")
