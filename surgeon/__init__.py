@@ -12,7 +12,24 @@ __version__ = "0.1.0"
 
 from surgeon.errors import RecipeError, UserError
 from surgeon.recipe import Recipe, load_recipe
-from surgeon.surgery import SurgeryPlan, apply_surgery, merge
+
+# ``import surgeon`` must not import torch or timm (seconds): the CLI's --help, ls, show ... import
+# this package. The names that need torch are loaded on first use.
+_LAZY = {"SurgeryPlan": "surgeon.surgery", "apply_surgery": "surgeon.surgery", "merge": "surgeon.surgery"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def build_model(recipe: Recipe | str | dict, *, weights: bool = True, num_classes: int | None = None,
@@ -29,7 +46,9 @@ def build_model(recipe: Recipe | str | dict, *, weights: bool = True, num_classe
     Returns:
         the patched ``nn.Module``; its :class:`SurgeryPlan` is ``model.surgeon_plan``.
     """
+    # torch + timm (seconds to import): only when a model is built
     from surgeon.backbone import create_backbone
+    from surgeon.surgery import apply_surgery
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

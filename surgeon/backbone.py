@@ -23,6 +23,7 @@ import timm
 import torch
 import torch.nn as nn
 
+import surgeon.builtin.models  # noqa: F401 - registers the built-in backbones (fractal_vit_tiny) with timm
 from surgeon.errors import UserError
 
 

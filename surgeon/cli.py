@@ -1,6 +1,11 @@
 """The ``surgeon`` command line. Each command is a thin call into the library.
 
 Exit codes: 0 success, 2 a user's mistake (message, no traceback), 1 a bug in surgeon.
+
+Start-up stays cheap: this module imports neither torch nor timm, and the commands that never
+build a model (``--help``, ``ls``, ``cp``, ``schema``, ``show``, a recipe that fails its schema)
+never import them (tests/test_cli_usage.py checks it). Commands import what they need inside
+their function, which is why most imports below are local.
 """
 from __future__ import annotations
 
@@ -14,15 +19,29 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from surgeon.errors import REPORT_URL, RecipeError, UserError
+from surgeon.errors import REPORT_REQUEST, RecipeError, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative parameter-efficient surgery for timm backbones.")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Override model.name (any timm model).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: a.b=VALUE (YAML-typed) or ~a.b to remove it.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from surgeon import __version__
+
+        out.print(f"surgeon {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Declarative parameter-efficient surgery for timm backbones."""
 
 
 def _load(recipe: str, model: Optional[str], overrides: Optional[List[str]], data: Optional[str] = None):
@@ -35,7 +54,10 @@ def _load(recipe: str, model: Optional[str], overrides: Optional[List[str]], dat
 def validate(recipes: List[str] = typer.Argument(..., help="Recipe files (or built-in names)."),
              model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
              schema_only: bool = typer.Option(False, "--schema-only", help="Skip the checks against the real model.")):
-    """Check recipes: schema, then against the real timm model (selectors, effects). Exit 2 if any is invalid."""
+    """Check recipes: schema, then against the real timm model (selectors, effects). Exit 2 if any is invalid.
+
+    `surgeon show` prints a recipe as resolved (defaults, extends, overrides) without these model checks.
+    """
     import surgeon
 
     bad = 0
@@ -65,28 +87,138 @@ def schema():
     sys.stdout.write(schema_path().read_text())
 
 
+def _error_json(exc: UserError) -> dict:
+    """``{"error": summary, "problems": [{"where", "field", "message", "hint"}]}`` for ``--json``."""
+    if isinstance(exc, RecipeError):
+        problems = [{"where": w, "field": f or None, "message": m, "hint": h} for w, f, m, h in exc.problems]
+        return {"error": f"the recipe has {len(problems)} problem(s)", "problems": problems}
+    return {"error": exc.message,
+            "problems": [{"where": exc.where, "field": None, "message": exc.message, "hint": exc.hint}]}
+
+
 @app.command()
 def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
          model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
-         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.")):
-    """Build the model with random weights (never downloads), apply the surgery, count parameters."""
+         data: Optional[str] = typer.Option(
+             None, "--data", "-d",
+             help="Size the head for this data source (e.g. builtin:digits, imagefolder:PATH). Only the class list "
+                  "is read: folder names, list or json files, never an image; an imagefolder tree is listed "
+                  "file by file, which takes a while for millions of images."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables; on failure "
+                                                            '{"error": ..., "problems": [...]} (exit 2).')):
+    """Build the model with random weights (never downloads), apply the surgery, count parameters.
+
+    Modules patched alike (e.g. blocks.{0..11}.mlp) are one row with their count.
+    """
     import surgeon
     from surgeon.surgery.table import print_plan
 
-    r = _load(recipe, model, set_)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = surgeon.build_model(r, weights=False, device="meta")
+    try:
+        r = _load(recipe, model, set_, data)
+        num_classes = None
+        if data is not None:
+            from surgeon.data.sources import source_classes
+
+            names = source_classes(r["data"], seed=r["data"]["seed"])
+            given = r["model"].get("num_classes")
+            if given is not None and given != len(names):
+                raise UserError(f"model.num_classes is {given} but the data has {len(names)} classes",
+                                where=r.where(("model", "num_classes")),
+                                hint="remove model.num_classes (it defaults to the data's class count) or fix the data")
+            num_classes = len(names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = surgeon.build_model(r, weights=False, device="meta", num_classes=num_classes)
+    except UserError as exc:
+        if not as_json:
+            raise
+        sys.stdout.write(json.dumps(_error_json(exc), indent=2) + "\n")
+        err.print(str(exc) if isinstance(exc, RecipeError) else f"error: {exc}", markup=False)
+        raise typer.Exit(2)
     p = m.surgeon_plan
+    from surgeon.backbone import resolve_model_name
+
+    resolved = resolve_model_name(r["model"])[0]
     if as_json:
-        from surgeon.backbone import resolve_model_name
         from surgeon.train.schedule import peak_lr
 
-        payload = {"recipe": r.name, "model": resolve_model_name(r["model"])[0], "peak_lr": peak_lr(r["train"]),
+        payload = {"recipe": r.name, "model": resolved, "peak_lr": peak_lr(r["train"]),
+                   "num_classes": getattr(m, "num_classes", None),
                    **p.to_dict()}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    print_plan(p, out, title=f"{r.name} on {r['model']['name']}")
+    print_plan(p, out, title=f"{r.name} on {resolved}")
+
+
+def _suite_file(ref: str) -> Optional[Path]:
+    """The suite file ``ref`` names (a file whose top level has ``recipes:`` and ``datasets:``, or
+    a built-in suite name that is not also a recipe name), else None: it is a recipe."""
+    from surgeon.recipe.loader import parse_yaml_text
+    from surgeon.resources import builtin_recipes, builtin_suite
+
+    path = Path(ref)
+    if not path.is_file():
+        if ref.removesuffix(".yaml") in builtin_recipes():
+            return None
+        path = builtin_suite(ref)
+        if not path.is_file():
+            return None  # load_recipe says what is wrong with it
+    try:
+        data, _ = parse_yaml_text(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError, UserError):
+        return None  # a recipe's errors are load_recipe's to report
+    return path if isinstance(data, dict) and "recipes" in data and "datasets" in data else None
+
+
+@app.command()
+def show(target: str = typer.Argument(..., metavar="RECIPE|SUITE",
+                                      help="Recipe or suite file, or a built-in name (`surgeon ls`; suites: demo, "
+                                           "cpu_repro, vtab1k). A file with recipes: and datasets: is a suite."),
+         model: Optional[str] = typer.Option(None, "--model", "-m",
+                                             help="Override model.name (for a suite: every cell's)."),
+         data: Optional[str] = typer.Option(None, "--data", "-d",
+                                            help="Override data.source (for a suite: its datasets become this one)."),
+         set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                  help="Override a field: a recipe's (a.b=VALUE, ~a.b), or for a "
+                                                       "suite a suite field, as `surgeon suite --set` "
+                                                       "(seeds=[0], set.train.epochs=2)."),
+         as_json: bool = typer.Option(False, "--json", help='JSON: the recipe object; for a suite a list of '
+                                                            '{"cell": "<recipe>/<dataset>/seed<k>", "recipe": {...}}.')):
+    """Print the fully resolved recipe (a suite: every cell's recipe) without running anything.
+
+    Defaults filled in, extends and overrides applied, schema and consistency checks run.
+    The checks against the real model (does model.name exist in timm, what the selectors
+    match, does every patch take effect) need torch and timm and are not run here: `surgeon
+    validate` and `surgeon plan` run them.
+    """
+    from surgeon.recipe import load_recipe
+
+    suite_path = _suite_file(target)
+    if suite_path is None:
+        recipe = load_recipe(target, set_ or [], model=model, data=data, check_model=False)
+        sys.stdout.write(json.dumps(recipe.data, indent=2) + "\n" if as_json else recipe.to_yaml())
+        return
+    from surgeon.suite import load_suite, suite_cells
+
+    overrides = list(set_ or [])
+    if model:
+        overrides.append(f"model.name={json.dumps(model)}")
+    if data:
+        overrides.append(f"datasets={json.dumps([data])}")
+    suite = load_suite(suite_path, overrides)
+    resolved = []
+    for cell in suite_cells(suite, Path()):
+        name = cell.run_dir.as_posix()
+        try:
+            resolved.append((name, load_recipe(cell.recipe, cell.overrides, check_model=False)))
+        except UserError:
+            err.print(f"suite {suite['name']}, cell {name}:", markup=False)
+            raise
+    if as_json:
+        sys.stdout.write(json.dumps([{"cell": n, "recipe": r.data} for n, r in resolved], indent=2) + "\n")
+        return
+    for name, recipe in resolved:
+        sys.stdout.write(f"--- # cell {name} (suite {suite['name']})\n{recipe.to_yaml()}")
 
 
 @app.command()
@@ -175,7 +307,8 @@ def cp(name: str = typer.Argument(..., help="Built-in recipe name (see `surgeon 
 
 @app.command()
 def report(runs: List[Path] = typer.Argument(..., metavar="RUN_DIR...",
-                                           help="Run directories (or one folder holding run directories)."),
+                                           help="Run directories, or one folder holding run directories at any depth "
+                                                "(e.g. a suite's runs/suites/NAME)."),
            out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
                                                   help="Where a comparison goes (default: the runs' common "
                                                        "parent's comparison/).")):
@@ -235,33 +368,30 @@ def pretrain_builtin_cmd(
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Console entry point: user mistakes exit 2 with a message, bugs exit 1 with a report link."""
+    """Console entry point: usage mistakes and user errors exit 2 with a message, bugs exit 1.
+
+    typer/click run in standalone mode: they print usage errors (exit 2), ``--help``,
+    ``--version`` and shell completion themselves and leave by ``sys.exit``. That keeps this
+    function independent of where click's exception classes live (typer 0.29 vendors its own).
+    What reaches the handlers below comes from surgeon's own code.
+    """
     try:
-        # standalone_mode=False: click returns a command's typer.Exit code instead of exiting
-        code = app(args=argv, standalone_mode=False)
+        # prog_name: completion scripts and usage lines say `surgeon` even under `python -m`.
+        app(args=argv, prog_name="surgeon")
     except (UserError, RecipeError) as exc:
         err.print(str(exc) if isinstance(exc, RecipeError) else f"error: {exc}", markup=False)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
         import traceback
 
         traceback.print_exc()
-        err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input. "
-                  f"Please report it with the command you ran and the traceback above: {REPORT_URL}")
+        err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input; "
+                  f"{REPORT_REQUEST}.")
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

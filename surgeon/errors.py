@@ -6,7 +6,9 @@ bug in surgeon: the CLI exits 1 and asks for a report.
 """
 from __future__ import annotations
 
-REPORT_URL = "https://github.com/surgeon-peft/surgeon/issues"
+#: What the CLI asks for when surgeon itself fails (no address: the project publishes none yet).
+REPORT_REQUEST = ("please report it to the surgeon maintainers with the command you ran and the traceback "
+                  "above")
 
 
 class UserError(Exception):

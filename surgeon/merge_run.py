@@ -64,6 +64,19 @@ def is_plain_timm(model: nn.Module, recipe) -> bool:
     return ours == theirs
 
 
+def _plain_timm_identity(model_cfg: dict) -> dict:
+    """``save_for_hf`` model_config entries that make a folder of a surgeon built-in backbone
+    (``model.name: fractal_vit_tiny``) name the timm architecture it is made of, with its
+    arguments, so plain timm loads RUN/merged without importing surgeon. Empty for timm names."""
+    from surgeon.builtin import BUILTIN_BACKBONES
+
+    spec = BUILTIN_BACKBONES.get(model_cfg["name"])
+    if spec is None:
+        return {}
+    args = {**spec["kwargs"], **(model_cfg.get("kwargs") or {})}  # the recipe's kwargs win, as at build time
+    return {"pretrained_cfg": {"architecture": spec["model_name"]}, "model_args": args}
+
+
 def _class_names(paths: RunPaths) -> list[str] | None:
     if paths.summary.is_file():
         try:
@@ -118,8 +131,10 @@ def merge_run(run_dir, *, mode: str | None = None, model: nn.Module | None = Non
 
         fmt = "timm"
         names = _class_names(paths)
+        model_config = {"label_names": names} if names else {}
+        model_config.update(_plain_timm_identity(recipe["model"]))
         timm.models.save_for_hf(model.cpu(), str(tmp), safe_serialization=True,
-                                model_config={"label_names": names} if names else None,
+                                model_config=model_config or None,
                                 data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
                                                                          "crop_pct", "crop_mode")})
     else:

@@ -9,7 +9,9 @@
 - a path to a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.npz`` file, or
   ``local-dir:FOLDER`` (a folder holding ``model.safetensors`` or ``pytorch_model.bin``, e.g.
   a Hugging Face snapshot or a merged surgeon run);
-- ``builtin:NAME`` — a weight file shipped with surgeon (:mod:`surgeon.builtin`).
+- ``builtin:NAME`` — a weight file shipped with surgeon (:mod:`surgeon.builtin`). The same
+  backbones are registered timm models (:mod:`surgeon.builtin.models`): ``model.name:
+  fractal_vit_tiny`` with ``pretrained: true`` loads the shipped file the same way.
 
 Local weights are handed to timm as ``pretrained_cfg_overlay=dict(file=PATH)`` (or
 ``source="local-dir"``), so timm's own checkpoint filter runs: position embeddings and patch
@@ -86,6 +88,10 @@ def _hub_kwargs(name: str) -> dict:
     if cfg is None:
         raise UserError(f"timm has no pretrained weights for '{name}'", where="model.pretrained",
                         hint="use a tagged name such as vit_base_patch16_224.augreg_in21k, local weights, or false")
+    if cfg.file and not (cfg.hf_hub_id or cfg.url):
+        # A registered model whose weights are a local file (surgeon's built-in backbones):
+        # nothing to download, and the file gets the same checks as model.pretrained: PATH.
+        return file_kwargs(Path(cfg.file), name)
     cached = _cached_hub_file(cfg)
     if cached is not None:
         # Load the cached file directly: the hub client would otherwise re-check the remote
@@ -161,10 +167,11 @@ def _builtin_file(name: str, model_name: str) -> Path:
                         hint="known: " + (", ".join(BUILTIN_BACKBONES) or "none"))
     spec = BUILTIN_BACKBONES[name]
     arch = spec.get("model_name")
-    if arch and arch != model_name:
+    if arch and model_name not in (arch, name):  # the timm name, or the registered built-in name
         kwargs = ", ".join(f"{k}: {v}" for k, v in (spec.get("kwargs") or {}).items())
         raise UserError(f"builtin:{name} holds weights of {arch}, not {model_name}", where="model.pretrained",
-                        hint=f"use model: {{name: {arch}, kwargs: {{{kwargs}}}}}")
+                        hint=f"use model: {{name: {name}, pretrained: true}} (or {{name: {arch}, "
+                             f"kwargs: {{{kwargs}}}}})")
     return Path(builtin_weights(name))  # raises UserError if the file is missing
 
 

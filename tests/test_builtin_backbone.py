@@ -159,3 +159,91 @@ def test_transfer_beats_random_init(tmp_path, monkeypatch):
                        protocols=("linear",), train_split="train", eval_split="val", progress=False)
     row = r["digits"]["linear"]
     assert row["pretrained_mean"] > row["random_mean"], row
+
+
+# --- the built-in backbone as a timm name ---------------------------------------------------
+
+
+def _shipped_backbone():
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(builtin_weights("fractal_vit_tiny"))).items()}
+
+
+@pytest.mark.parametrize("num_classes", [None, 7])
+def test_timm_create_model_by_name_loads_the_shipped_weights(num_classes):
+    import timm
+
+    import surgeon.builtin.models  # noqa: F401 - what plain timm users import
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = timm.create_model("fractal_vit_tiny", pretrained=True, **kwargs)
+    assert model.num_classes == (num_classes or 0)  # the file has no head: a feature model by default
+    assert model.patch_embed.patch_size == (8, 8) and len(model.blocks) == 6
+    assert timm.data.resolve_input_data_config(model)["input_size"] == (3, 32, 32)
+    state = model.state_dict()
+    for key, value in _shipped_backbone().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+def test_recipe_with_the_name_and_pretrained_true_loads_offline(monkeypatch):
+    import surgeon
+    import surgeon.weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(surgeon.weights, "_reachable", lambda *a, **k: pytest.fail("probed the network"))
+    for pretrained in (True, "builtin:fractal_vit_tiny"):
+        recipe = surgeon.load_recipe({"name": "x", "model": {"name": "fractal_vit_tiny", "pretrained": pretrained}})
+        model = surgeon.build_model(recipe, num_classes=4)
+        state = model.state_dict()
+        for key, value in _shipped_backbone().items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+        assert model.num_classes == 4
+
+
+def test_model_option_sets_the_whole_backbone(cli):
+    import json
+
+    res = cli("plan", "bitfit", "--model", "fractal_vit_tiny", "--json")
+    assert res.code == 0, res
+    assert json.loads(res.out)["backbone_params"] == 2_710_080  # depth 6, 8x8 patches, 32 px (docs/builtin.md)
+    assert cli("validate", "lora", "--model", "fractal_vit_tiny").code == 0
+
+
+def test_run_on_the_named_backbone_merges_to_a_plain_timm_folder(tmp_path, cli):
+    """A run with model.name fractal_vit_tiny: its merged folder names the timm architecture
+    (vit_tiny_patch16_224 with the built-in's arguments), so plain timm loads it; apply prints
+    both report files."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import surgeon
+    from surgeon.merge_run import fixed_batch
+
+    from ._train_helpers import write_imagefolder, write_recipe
+    from .test_run import PLAIN_TIMM_CHECK
+
+    data = write_imagefolder(tmp_path / "img", per_split={"train": 4, "val": 2, "test": 2})
+    recipe = write_recipe(tmp_path / "r.yaml", data, model={"name": "fractal_vit_tiny", "pretrained": True, "kwargs": {}},
+                          surgery=[{"target": "blocks.*.attn.proj", "unfreeze": "bias"}],
+                          train={"max_steps": 2, "batch_size": 6, "base_lr": 0.05})
+    res = cli("apply", recipe, "--out", tmp_path / "run")
+    assert res.code == 0, res
+    run = tmp_path / "run"
+    assert f"report: {run / 'report.md'} and {run / 'report.html'}" in res.err
+    config = json.loads((run / "merged" / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224"
+    assert config["model_args"]["patch_size"] == 8 and config["model_args"]["depth"] == 6
+    unmerged = surgeon.load_run(run, merged=False)
+    x = fixed_batch(unmerged, seed=2)
+    with torch.no_grad():
+        expected = unmerged(x)
+    torch.save((x, expected), tmp_path / "io.pt")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TIMM_CHECK, str(run / "merged"), str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    diff, classes, depth = proc.stdout.split()
+    assert float(diff) < 1e-4 and classes == "3" and depth == "6"

@@ -396,3 +396,20 @@ def test_deepcopy_keeps_layers_working():
         assert torch.equal(clone(x), model.eval()(x))
     assert math.isclose(sum(p.numel() for p in clone.parameters()), sum(p.numel() for p in model.parameters()))
     assert isinstance(layers(clone)[0], LoraLayer)
+
+
+@pytest.mark.parametrize("method,cfg", [("lora", "{rank: 4, slices: [q, v]}"), ("mlae", "{rank: 4, slices: [q]}")])
+@pytest.mark.parametrize("conv_mlp", [False, True], ids=["linear_fc1", "conv_fc1"])
+def test_slices_refused_on_a_layer_that_is_not_a_fused_qkv(cli, write, method, cfg, conv_mlp):
+    """ConvNeXt's mlp.fc1 (24 -> 96 = 3 × 32 outputs) is not a qkv: cutting it in thirds would adapt
+    arbitrary rows. The refusal names the rule's line."""
+    path = write("r.yaml", "name: x\nmodel: {name: convnext_atto, pretrained: false, kwargs: "
+                           f"{{dims: [24, 48, 96, 192], depths: [1, 1, 1, 1], conv_mlp: {str(conv_mlp).lower()}}}}}\n"
+                           f"surgery:\n  - target: 'stages.*.blocks.*.mlp.fc1'\n    {method}: {cfg}\n")
+    res = cli("validate", path)
+    assert res.code == 2, res
+    assert f"{path}:4:" in res.err and "stages.0.blocks.0.mlp.fc1 is not a fused qkv projection" in res.err
+    assert "Traceback" not in res.text
+    # Without slices the same layers are fine: the refusal is about slices only.
+    path.write_text(path.read_text().replace(", slices: [q, v]", "").replace(", slices: [q]", ""))
+    assert cli("validate", path).code == 0

@@ -178,6 +178,29 @@ def build_splits(data_cfg: dict, model: torch.nn.Module, *, seed: int) -> DataSp
     return _assemble(source, found, data_cfg, protocol, tf)
 
 
+def source_classes(data_cfg: dict, *, seed: int = 0) -> list[str]:
+    """The class names of ``data_cfg['source']`` (``len`` = the head size ``apply`` would use),
+    found the way :func:`build_splits` finds them but without building datasets.
+
+    No image is opened and listed files are not checked for existence: imagefolder lists the
+    tree (one directory walk: slow only for millions of files), vtab1k/filelist read their list
+    files, fgvc its json files (and probes where the first 50 images lie), builtin its registry.
+
+    Args:
+        data_cfg: the validated recipe ``data`` section (``source``, ``protocol``, ``val_fraction``).
+        seed: the data seed (as :func:`build_splits`).
+
+    Raises:
+        UserError: as :func:`build_splits` for an unknown scheme, a missing path or a bad list.
+    """
+    scheme, arg = parse_source(data_cfg["source"])
+    if scheme == "builtin":
+        return list(_builtin_info(data_cfg["source"], arg)["class_names"])
+    finder = {"imagefolder": _find_imagefolder, "vtab1k": _find_vtab1k,
+              "filelist": _find_filelist, "fgvc": _find_fgvc}[scheme]
+    return list(finder(arg, data_cfg, data_cfg.get("protocol", "final"), seed).classes)
+
+
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 
@@ -578,8 +601,7 @@ def _find_fgvc(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
 # --------------------------------------------------------------------------------------------
 # builtin:NAME
 
-def _build_builtin(source: str, name: str, protocol: str, seed: int,
-                   tf: TransformSet) -> DataSplits:
+def _builtin_module(source: str):
     try:
         from surgeon.builtin import datasets as builtin
     except ModuleNotFoundError as e:
@@ -589,10 +611,20 @@ def _build_builtin(source: str, name: str, protocol: str, seed: int,
                         where="data.source",
                         hint="use imagefolder:PATH, vtab1k:ROOT/TASK, filelist:FILE or fgvc:ROOT"
                         ) from None
+    return builtin
+
+
+def _builtin_info(source: str, name: str) -> dict:
     try:
-        info = builtin.builtin_info(name)
+        return _builtin_module(source).builtin_info(name)
     except (KeyError, ValueError) as e:
         raise UserError(f"unknown built-in data set {name!r} ({e})", where="data.source") from None
+
+
+def _build_builtin(source: str, name: str, protocol: str, seed: int,
+                   tf: TransformSet) -> DataSplits:
+    builtin = _builtin_module(source)
+    info = _builtin_info(source, name)
     names = list(info["class_names"])
     k = int(info["num_classes"])
     assert len(names) == k, (name, k, len(names))

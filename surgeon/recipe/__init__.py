@@ -51,6 +51,7 @@ def load_recipe(
     *,
     model: str | None = None,
     data: str | None = None,
+    check_model: bool = True,
 ) -> Recipe:
     """Read, override and validate a recipe.
 
@@ -59,6 +60,9 @@ def load_recipe(
         overrides: ``{"train.epochs": 3, "~regularizers": None}`` or ``["train.epochs=3"]``.
         model: shortcut for ``model.name`` (the CLI's ``--model``).
         data: shortcut for ``data.source`` (the CLI's ``--data``).
+        check_model: check that ``model.name`` is a timm model; False skips the one check that
+            imports timm/torch (``surgeon show``; the checks against the built model are
+            :func:`surgeon.build_model`'s anyway).
 
     Raises:
         UserError: the file cannot be read or parsed.
@@ -80,7 +84,7 @@ def load_recipe(
     if problems:
         raise RecipeError(problems)
     resolved = fill_defaults(raw.data)
-    problems = static_problems(raw, resolved)
+    problems = static_problems(raw, resolved, check_model=check_model)
     if problems:
         raise RecipeError(problems)
     return Recipe(resolved, raw.origin, raw.source)

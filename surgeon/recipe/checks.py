@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import difflib
 
-import timm
-
 from .loader import RawRecipe
 
 Problem = tuple[str, str, str, "str | None"]
@@ -12,6 +10,11 @@ Problem = tuple[str, str, str, "str | None"]
 
 def unknown_model_problem(name: str, where: str) -> Problem | None:
     """A problem if timm has no model called ``name`` (with a did-you-mean hint)."""
+    # timm (and torch, seconds) only when a model name is checked; surgeon's own timm names too.
+    import timm
+
+    import surgeon.builtin.models  # noqa: F401 - registers fractal_vit_tiny with timm
+
     if timm.is_model(name):
         return None
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -19,10 +22,13 @@ def unknown_model_problem(name: str, where: str) -> Problem | None:
     return (where, "model.name", f"unknown timm model '{name}'", hint)
 
 
-def static_problems(raw: RawRecipe, data: dict) -> list[Problem]:
-    """Contradictions a schema cannot express. ``data`` is the schema-valid recipe with defaults."""
+def static_problems(raw: RawRecipe, data: dict, *, check_model: bool = True) -> list[Problem]:
+    """Contradictions a schema cannot express. ``data`` is the schema-valid recipe with defaults.
+
+    ``check_model=False`` skips the one check that imports timm (is ``model.name`` a timm model).
+    """
     problems: list[Problem] = []
-    model_problem = unknown_model_problem(data["model"]["name"], raw.where(("model", "name")))
+    model_problem = unknown_model_problem(data["model"]["name"], raw.where(("model", "name"))) if check_model else None
     if model_problem:
         problems.append(model_problem)
 

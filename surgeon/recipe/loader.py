@@ -239,8 +239,17 @@ def parse_override(text: str) -> tuple[str, Path_, Any]:
         try:
             value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
         except yaml.YAMLError as exc:
+            value = raw.strip()
+            if value[:1] in ("*", "&"):
+                # A glob such as **.blocks.*.mlp: YAML reads a leading * as an alias (& as an
+                # anchor). Quotes typed without outer single quotes are eaten by the shell.
+                hint = (f"YAML reads a value starting with '{value[0]}' as an alias/anchor, so a glob must be a "
+                        f"quoted YAML string, and the shell removes quotes (and may expand the glob) unless the "
+                        f"whole option is in single quotes: --set '{key.strip()}=\"{value}\"'")
+            else:
+                hint = "quote strings that contain ':' or '#', e.g. --set name='\"a: b\"'"
             raise UserError(f"bad --set '{text}': the value is not valid YAML ({getattr(exc, 'problem', exc)})",
-                            hint="quote strings that contain ':' or '#', e.g. --set name='\"a: b\"'") from None
+                            hint=hint) from None
     key = key.strip()
     parts = key.split(".")
     if not key or any(not p for p in parts):

@@ -66,20 +66,32 @@ def is_comparison_dir(path: Path) -> bool:
     return path.is_dir() and (path / "comparison.md").is_file() and not is_run_dir(path)
 
 
-def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
+def _nested_run_dirs(root: Path, max_depth: int) -> list[Path]:
+    """Run directories under ``root`` (depth 1 = its children), sorted by path."""
+    found: list[Path] = []
+    for child in sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")):
+        if is_run_dir(child):
+            found.append(child)
+        elif max_depth > 1 and not is_comparison_dir(child):
+            found += _nested_run_dirs(child, max_depth - 1)
+    return found
+
+
+def expand_run_dirs(paths: list[str | Path], max_depth: int = 4) -> list[Path]:
     """The run directories named by ``paths``.
 
-    A single path that is not a run directory itself but has run directories as children (a
-    suite's output folder) stands for those children. Among several paths, earlier comparison
-    outputs are dropped, so ``surgeon report runs/*`` works again after it wrote
-    ``runs/comparison/``. Anything else is passed through for :func:`load_run_data` to accept or
-    reject by name.
+    A single path that is not a run directory itself but holds run directories stands for them:
+    its children (``runs/``) or deeper (a suite's ``<recipe>/<dataset>/seed<k>/``, up to
+    ``max_depth`` levels; nothing inside a run directory or a comparison output is searched).
+    Among several paths, earlier comparison outputs are dropped, so ``surgeon report runs/*``
+    works again after it wrote ``runs/comparison/``. Anything else is passed through for
+    :func:`load_run_data` to accept or reject by name.
     """
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir() and not is_run_dir(paths[0]):
-        children = sorted(c for c in paths[0].iterdir() if is_run_dir(c))
-        if children:
-            return children
+        found = _nested_run_dirs(paths[0], max_depth)
+        if found:
+            return found
     if len(paths) > 1:
         paths = [p for p in paths if not is_comparison_dir(p)]
     return paths

@@ -14,18 +14,23 @@ def millions(n: int) -> str:
 
 
 def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
-    """Rich tables: one row per selector, one per patched module, and the totals."""
+    """Rich tables: one row per selector, one per group of modules patched alike, and the totals."""
     matches = Table(title=f"{title} — selectors" if title else "selectors", title_justify="left")
     for col in ("rule", "selector", "method", "matched"):
         matches.add_column(col, justify="right" if col in ("rule", "matched") else "left")
     for m in plan.matches:
         matches.add_row(str(m["rule"]), escape(m["selector"]), m["method"], str(m["count"]))
 
+    # Modules patched alike differ only in their block index: one row each (blocks.*.mlp × 12).
+    # Imported here: the surgeon.report package pulls in matplotlib, which only reports need.
+    from surgeon.report.tables import collapse_targets
+
     targets = Table(title="patched modules", title_justify="left")
-    for col in ("module", "method", "params", "detail"):
-        targets.add_column(col, justify="right" if col == "params" else "left")
-    for t in plan.targets:
-        targets.add_row(escape(t.module) or "(whole model)", t.method, f"{t.params:,}", escape(t.detail))
+    for col in ("module", "count", "method", "params each", "params", "detail"):
+        targets.add_column(col, justify="right" if col in ("count", "params each", "params") else "left")
+    for row in collapse_targets([vars(t) for t in plan.targets]):
+        targets.add_row(escape(row["module"]), str(row["count"]), row["method"], f"{row['params']:,}",
+                        f"{row['total']:,}", escape(row["detail"]))
 
     totals = Table(title="totals", title_justify="left")
     totals.add_column("what")

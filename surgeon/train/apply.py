@@ -248,4 +248,4 @@ def _report(paths: RunPaths, console: Console) -> None:
         console.print(f"report failed ({type(exc).__name__}: {exc}); the run is complete — retry with "
                       f"`surgeon report {paths.root}`", markup=False)
         return
-    console.print(f"report: {report}", markup=False)
+    console.print(f"report: {report} and {report.with_suffix('.html')}", markup=False)

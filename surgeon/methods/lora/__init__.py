@@ -34,10 +34,10 @@ class Lora(Method):
         return "lora"
 
     def cannot_patch(self, name: str, module: nn.Module, rule: dict) -> str | None:
-        return module_problem(module, rule["lora"]["slices"])
+        return module_problem(module, rule["lora"]["slices"], name)
 
     def patch(self, name: str, module: nn.Module, ctx: PatchContext) -> nn.Module:
-        problem = module_problem(module, ctx.rule["lora"]["slices"])
+        problem = module_problem(module, ctx.rule["lora"]["slices"], name)
         if problem:  # e.g. an earlier rule already wrapped this module
             raise ValueError(problem)
         layer = LoraLayer(module, ctx)

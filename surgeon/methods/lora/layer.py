@@ -46,8 +46,23 @@ def fan_in(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
-def module_problem(module: nn.Module, slices: list[str] | None) -> str | None:
-    """Why a low-rank delta cannot go on ``module`` (a phrase after its name), or None."""
+def is_fused_qkv(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` (called ``name`` in the model) is a fused q/k/v projection.
+
+    timm names every fused projection ``qkv`` (ViT, DeiT, BEiT, EVA, Swin, ...: ``attn.qkv``),
+    with outputs ``3 × num_heads × head_dim``. A Linear whose outputs merely happen to be a
+    multiple of 3 (ConvNeXt's ``mlp.fc1``: 4 × 96 = 384) is not one: slicing it in thirds
+    would adapt arbitrary rows.
+    """
+    return name.rsplit(".", 1)[-1].lower().endswith("qkv") and out_features(module) % 3 == 0
+
+
+def module_problem(module: nn.Module, slices: list[str] | None, name: str | None = None) -> str | None:
+    """Why a low-rank delta cannot go on ``module`` (a phrase after its name), or None.
+
+    ``name``: the module's name in the model; with ``slices`` it must be a fused qkv
+    (:func:`is_fused_qkv`).
+    """
     if isinstance(module, SurgeryLayer):
         return f"is already patched ({module.method_name}); one low-rank method per module"
     if isinstance(module, nn.Conv2d):
@@ -60,6 +75,9 @@ def module_problem(module: nn.Module, slices: list[str] | None) -> str | None:
     if slices and out_features(module) % 3:
         return (f"has {out_features(module)} outputs, not a fused qkv (a multiple of 3), "
                 f"so slices {list(slices)} do not apply")
+    if slices and name is not None and not is_fused_qkv(name, module):
+        return (f"is not a fused qkv projection (a module named '...qkv'), so slices {list(slices)} do not apply; "
+                f"remove slices to adapt the whole layer, or target '**.attn.qkv'")
     return None
 
 

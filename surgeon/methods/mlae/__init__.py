@@ -34,11 +34,11 @@ class Mlae(Method):
     key = "mlae"
 
     def cannot_patch(self, name: str, module: nn.Module, rule: dict) -> str | None:
-        return module_problem(module, rule["mlae"]["slices"])
+        return module_problem(module, rule["mlae"]["slices"], name)
 
     def patch(self, name: str, module: nn.Module, ctx: PatchContext) -> nn.Module:
         cfg = ctx.rule["mlae"]
-        problem = module_problem(module, cfg["slices"])
+        problem = module_problem(module, cfg["slices"], name)
         if problem:  # e.g. an earlier rule already wrapped this module
             raise ValueError(problem)
         if cfg["rank"] % cfg["expert_rank"]:
