@@ -618,7 +618,10 @@ class _Worker:
             failure = "error"
         else:
             failure = "crashed"
-        reason = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, UserError):  # the run directory is known; the hint is worth keeping
+            reason = exc.message + (f"\n  hint: {exc.hint}" if exc.hint else "")
+        else:
+            reason = f"{type(exc).__name__}: {exc}".strip()
         trial.set_user_attr("seconds", seconds)
         st.mark_failed(study, self.storage, trial, failure, reason)
         self.console.print(f"{self.tag}{label}: failed ({failure}) after {_fmt_seconds(seconds)}: "
@@ -830,7 +833,7 @@ def _hash(obj) -> str:
 
 
 def parse_seeds(seeds) -> list[int] | None:
-    """``"0,1,2"`` or ``[0, 1, 2]`` -> ``[0, 1, 2]``; None stays None."""
+    """``"0,1,2"`` or ``[0, 1, 2]`` -> ``[0, 1, 2]``; None stays None; empty: no final runs."""
     if seeds is None:
         return None
     if isinstance(seeds, str):
@@ -839,7 +842,7 @@ def parse_seeds(seeds) -> list[int] | None:
         except ValueError:
             raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2", where="--seeds") from None
     seeds = list(seeds)
-    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
         raise UserError(f"--seeds {seeds!r}: expected integers >= 0, e.g. 0,1,2", where="--seeds")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {seeds!r}: a seed is listed twice", where="--seeds")
@@ -850,7 +853,7 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
                  overrides: list[str] | None = None, sampler: str | None = None, trials: int | None = None,
                  seeds=None, workers: int = 1, storage: str | None = None, study: str | None = None,
                  prune: bool = False, extend_edges: bool = False, out: str | Path | None = None,
-                 finals: bool = True, **timing) -> SweepSpec:
+                 **timing) -> SweepSpec:
     """Check everything a sweep is given and build its :class:`SweepSpec`; nothing trains.
 
     Raises:
@@ -886,7 +889,7 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
     base = load_recipe(recipe, overrides, model=model, data=data)  # the recipe itself must load first
     space.validate_grid(recipe, grid, model=model, data=data, overrides=overrides, problems=grid_problems)
     parsed = parse_seeds(seeds)
-    seed_list = (parsed if parsed is not None else [base["train"]["seed"]]) if finals else []
+    seed_list = parsed if parsed is not None else [base["train"]["seed"]]
     # The sweep's identity: the resolved recipe (as written: relative paths stay relative, so
     # the same command on several machines names the same study), the grid and the sampler.
     digest = _hash({"recipe": base.data, "grid": grid, "sampler": sampler})
@@ -972,7 +975,7 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
               overrides: list[str] | None = None, sampler: str | None = None, trials: int | None = None,
               seeds=None, workers: int = 1, storage: str | None = None, study: str | None = None,
               prune: bool = False, extend_edges: bool = False, out: str | Path | None = None,
-              finals: bool = True, console: Console | None = None, report: bool = True,
+              console: Console | None = None, report: bool = True,
               **timing) -> SweepResult:
     """Run (or continue) a sweep and its final runs; write ``OUT/report.md``/``.html`` and ``result.json``.
 
@@ -983,7 +986,7 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
         sampler: ``grid`` (default: every combination) or ``tpe`` (the default when ``trials``
             is given: ``trials`` configurations among the grid's, chosen by Optuna's TPE).
         seeds: ``train.seed`` of the final runs (``[0, 1, 2]`` or ``"0,1,2"``); default the
-            recipe's ``train.seed``.
+            recipe's ``train.seed``; ``[]``: tune only (a suite trains its own final cells).
         workers: worker processes on this machine, sharing the storage.
         storage: Optuna storage (default: the journal file ``OUT/study.journal``); the same URL
             on several machines makes them share one study (see :func:`.study.open_storage`).
@@ -993,7 +996,6 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
             after :data:`PRUNE_STARTUP_TRIALS` complete trials and the first third of a schedule).
         extend_edges: extend numeric keys whose best value is on the edge of their grid.
         out: the sweep directory (default ``runs/sweeps/<recipe>-<data>-<hash>``).
-        finals: False: tune only (a suite trains its own final cells).
         report: write the report (md, html, plot, result.json).
         timing: ``poll_s`` / ``heartbeat_s`` / ``stale_after_s`` of :class:`SweepSpec` (seconds).
 
@@ -1003,7 +1005,7 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     spec = prepare_spec(recipe, grid=grid, data=data, model=model, overrides=overrides, sampler=sampler,
                         trials=trials, seeds=seeds, workers=workers, storage=storage, study=study, prune=prune,
-                        extend_edges=extend_edges, out=out, finals=finals, **timing)
+                        extend_edges=extend_edges, out=out, **timing)
     root = Path(spec.out)
     worker = _Worker(spec, index=0, console=console)
     if not _finished(worker):
