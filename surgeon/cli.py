@@ -193,12 +193,16 @@ def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in 
           set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
                                                    help="Override a suite field, e.g. seeds=[0] or set.train.epochs=2."),
           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default runs/suites/NAME)."),
-          report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells.")):
-    """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report."""
+          report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells."),
+          workers: int = typer.Option(1, "--workers", "-w",
+                                      help="Worker processes for each sweep of a `sweep:` section.")):
+    """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report.
+    With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`)."""
     from surgeon.resources import builtin_suite
     from surgeon.suite import run_suite
 
-    md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only)
+    md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only,
+                   workers=workers)
     out.print(md.read_text(), markup=False)
     out.print(str(md), markup=False)
 

@@ -394,7 +394,7 @@ def test_kill_9_mid_trial_then_same_command_continues(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert [t["state"] for t in result["trials"]] == ["complete"] * 3
     assert result["finals"][0]["state"] == "complete" and result["test_mean"] is not None
-    assert "| trial" in done.stdout and "report:" in done.stdout
+    assert "trial | train.base_lr" in done.stdout and "report:" in done.stdout
 
 
 @pytest.mark.slow
