@@ -281,7 +281,8 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
         from surgeon.sweep import run_sweep
 
         started = time.perf_counter()
-        for k, cell in enumerate(cells, 1):
+        trained, cell_seconds = 0, 0.0
+        for cell in cells:
             job = jobs.get((cell.recipe, cell.dataset))
             if job is not None and (cell.recipe, cell.dataset) not in chosen:
                 console.print(f"sweep {job.label} -> {job.out}", markup=False)
@@ -302,13 +303,16 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
                                   f"now chooses ({'; '.join(mismatch)}); delete {cell.run_dir} to retrain it",
                                   markup=False)
                 continue
-            i = todo.index(cell) + 1 if cell in todo else k
+            trained += 1
             resume = cell.run_dir if (cell.run_dir / "recipe.yaml").is_file() else None
-            console.print(f"[{i}/{len(todo)}] {cell.label}{' (resuming)' if resume else ''}", markup=False)
+            console.print(f"[{trained}/{len(todo)}] {cell.label}{' (resuming)' if resume else ''}", markup=False)
+            t0 = time.perf_counter()
             apply_recipe(cell.recipe, overrides=cell.overrides, out=str(cell.run_dir),
                          resume=str(resume) if resume else None, console=console)
+            cell_seconds += time.perf_counter() - t0
             elapsed = time.perf_counter() - started
-            console.print(f"  {elapsed / 60:.1f} min so far", markup=False)
+            console.print(f"  {elapsed / 60:.1f} min so far, ~{cell_seconds / trained * (len(todo) - trained) / 60:.1f} "
+                          f"min of cells left" + (" (plus their sweeps)" if jobs else ""), markup=False)
     return write_suite_report(suite, cells, root, console, jobs=jobs)
 
 

@@ -333,6 +333,13 @@ def test_extend_edges_stops_after_three_and_at_invalid_values(tmp_path, monkeypa
     notes = {(e.key, e.side): e.note for e in res.edges}
     assert "invalid" in notes[("surgery.0.lora.dropout", "high")]
     assert "limit" in notes[("train.base_lr", "low")]
+    # A rerun replays the same decisions from the stored results and trains nothing new.
+    calls = []
+    monkeypatch.setattr(runner, "_apply", lambda *a, **kw: calls.append(kw))
+    again = _sweep(tmp_path / "sw", ("surgery.0.lora.dropout=[0.2,0.4]", "train.base_lr=[4e-3,2e-3]"),
+                   extend_edges=True, seeds=[])
+    assert calls == [] and again.grid == grid and len(again.trials) == 15
+    assert again.best.config == res.best.config
 
 
 def test_tpe_sampler_trains_n_distinct_configurations(tmp_path):

@@ -44,8 +44,9 @@ def _state_text(r) -> str:
     return r.state
 
 
-def trials_table(result: "SweepResult") -> Table:
-    """One row per configuration: its values, state, val top-1 at the end and at the best epoch, time."""
+def trials_table(result: "SweepResult", *, links: bool = True, title: str = "") -> Table:
+    """One row per configuration: its values, state, val top-1 at the end and at the best epoch,
+    train time, attempts, run directory (a link to its report when ``links``)."""
     keys = list(result.grid)
     best_key = space.config_key(result.best.config) if result.best else None
     rows = []
@@ -53,14 +54,13 @@ def trials_table(result: "SweepResult") -> Table:
         mark = " **best**" if best_key and space.config_key(r.config) == best_key else ""
         rows.append([f"{r.index + 1}{mark}", *(space.value_text(r.config.get(k)) for k in keys), _state_text(r),
                      _pct(r.val_last), _pct(r.val_best), duration(r.seconds),
-                     str(r.attempts) if r.attempts > 1 else "1", _link(result, r.run_dir)])
+                     str(r.attempts), _link(result, r.run_dir) if links else (r.run_dir or "—")])
     notes = ["val top-1 (%) on the held-out val split (protocol tune: trained on train800, scored on val200; "
              "test untouched). **end** = the last evaluation (the objective); **best epoch** = the best evaluation."]
     if any(r.attempts > 1 for r in result.trials):
         notes.append("runs > 1: the trial was interrupted and resumed from its checkpoint.")
     return Table(["trial", *keys, "state", "val top-1 end", "val top-1 best epoch", "train time", "runs", "run"], rows,
-                 ["r", *(["r"] * len(keys)), "l", "r", "r", "r", "r", "l"],
-                 title=f"Trials ({result.sampler} sampler)", notes=notes)
+                 ["r", *(["r"] * len(keys)), "l", "r", "r", "r", "r", "l"], title=title, notes=notes)
 
 
 def best_table(result: "SweepResult") -> Table:
@@ -75,12 +75,13 @@ def best_table(result: "SweepResult") -> Table:
                  if result.edges else [])
 
 
-def finals_table(result: "SweepResult") -> Table:
+def finals_table(result: "SweepResult", *, links: bool = True) -> Table:
     rows = []
     for f in result.finals:
         split = f" ({f.split})" if f.split and f.split != "test" else ""
         rows.append([str(f.seed), f.state if f.state == "complete" else _state_text(f), _pct(f.test_top1) + split,
-                     _pct(f.val_top1), duration(f.seconds), _link(result, f.run_dir)])
+                     _pct(f.val_top1), duration(f.seconds),
+                     _link(result, f.run_dir) if links else (f.run_dir or "—")])
     vals = result.test_values
     if vals:
         mean = f"{result.test_mean:.2f}" + (f" ± {result.test_std:.2f}" if result.test_std is not None else "")
@@ -183,10 +184,10 @@ def report_blocks(result: "SweepResult", base_dir: Path) -> list:
         b = result.best
         blocks += [Heading("Best configuration"),
                    Paragraph(f"Trial {b.index + 1}: val top-1 **{b.val_last:.2f}%** at the end of the schedule "
-                             f"(best epoch {_pct(b.val_best)}%)."),
+                             f"(best epoch {_pct(b.val_best)}%).{tie_text(result)}"),
                    best_table(result)]
     plot = score_plot(result, base_dir / "plots" / "sweep.png")
-    blocks += [Heading("Trials"), trials_table(result)]
+    blocks += [Heading(f"Trials ({result.sampler} sampler)"), trials_table(result)]
     if plot is not None:
         blocks.append(Figure(plot, "val top-1 at the end of the schedule against each searched value "
                                    "(line: the best over the other keys; star: the chosen configuration)."))
@@ -222,18 +223,29 @@ def write_sweep_report(result: "SweepResult") -> Path:
     return md
 
 
+def tie_text(result: "SweepResult") -> str:
+    """`` Tied with trial 13 ...`` when other configurations reach the best score."""
+    b = result.best
+    ties = [r for r in result.trials if r is not b and r.state == "complete" and r.val_last == b.val_last]
+    if not ties:
+        return ""
+    return (f" Tied with trial{'s' if len(ties) > 1 else ''} {', '.join(str(r.index + 1) for r in ties)}: ties go to "
+            "the higher best-epoch val top-1, then the earlier trial.")
+
+
 def summary_text(result: "SweepResult") -> str:
     """The console summary: the trials table, the best configuration, the final result."""
-    parts = [render_markdown(trials_table(result))]
+    parts = [render_markdown(trials_table(result, links=False, title=f"Trials ({result.sampler} sampler), "
+                                                                     f"in {result.out}"))]
     if result.best is not None:
         parts.append(f"best: {space.config_text(result.best.config)} — val top-1 {result.best.val_last:.2f}% "
-                     f"(trial {result.best.index + 1})")
+                     f"(trial {result.best.index + 1}).{tie_text(result)}")
     for e in result.edges:
         side = "smallest" if e.side == "low" else "largest"
         parts.append(f"warning: the best {e.key}={space.value_text(e.value)} is the {side} value searched; "
                      f"the best may lie beyond it ({e.note})")
     if result.finals:
-        parts.append(render_markdown(finals_table(result)))
+        parts.append(render_markdown(finals_table(result, links=False)))
     if result.report is not None:
         parts.append(f"report: {result.report}")
     return "\n\n".join(parts)

@@ -301,7 +301,7 @@ class _Worker:
                 if not (self.spec.extend_edges and self._extend()):
                     break
             if self.spec.seeds:
-                best = best_trial(self.tune)
+                best = best_trial(self.tune, self.plan_keys())
                 if best is None:
                     self.console.print(f"{self.tag}no trial finished with a val score: no final runs", markup=False)
                     return
@@ -311,6 +311,10 @@ class _Worker:
 
     def _trials(self, study) -> list:
         return study.get_trials(deepcopy=False)
+
+    def plan_keys(self) -> set[str]:
+        """The configurations this command searches (TPE: the whole grid)."""
+        return {space.config_key(c) for c in self.plan}
 
     def _reap(self, study, trials) -> bool:
         """Mark RUNNING trials whose worker is gone as interrupted (their configuration runs again)."""
@@ -648,7 +652,7 @@ class _Worker:
             self.console.print(f"{self.tag}{label}: failed: no val score", markup=False)
             return
         study.tell(trial, float(last))
-        top = best_trial(study)
+        top = best_trial(study, self.plan_keys())
         lead = f"  · best so far {top[0].value:.2f}% ({space.config_text(top[1])})" if top else ""
         self.console.print(f"{self.tag}{label}: val top-1 [bold]{last:.2f}%[/] at the end (best epoch {_pct(best)}) "
                            f"in {_fmt_seconds(total)}{lead}", highlight=False)
@@ -677,14 +681,16 @@ class _Worker:
         left = max(0, total - done)
         if secs and left:
             eta = statistics.fmean(secs) * left / max(1, self.spec.workers)
-            self.console.print(f"{self.tag}  {done}/{total} trials done, ~{_fmt_seconds(eta)} left "
-                               f"(before any edge extension and the final runs)", markup=False)
+            later = ("any edge extension and " if self.spec.extend_edges else "") + "the final runs"
+            self.console.print(f"{self.tag}  {done}/{total} trials done, ~{_fmt_seconds(eta)} left before {later}",
+                               markup=False)
 
     # ------------------------------------------------------------------- edge extension
     def _extend(self) -> bool:
         """After a complete round: add the next value beyond each edge the best value sits on.
-        True when new configurations were added to the plan."""
-        best = best_trial(self.tune)
+        True when new configurations were added to the plan. Only the plan's trials count, so a
+        rerun replays the same decisions whatever else the study holds."""
+        best = best_trial(self.tune, self.plan_keys())
         if best is None:
             return False
         config = best[1]
@@ -724,11 +730,13 @@ def _apply(*args, **kwargs):
     return apply_recipe(*args, **kwargs)
 
 
-def best_trial(study) -> tuple[Any, dict] | None:
-    """The best complete trial of a tune study and its configuration: the highest val top-1 at
-    the end of the schedule; ties go to the higher best-epoch val top-1, then the earlier grid point."""
+def best_trial(study, keys: set[str] | None = None) -> tuple[Any, dict] | None:
+    """The best complete trial of a tune study (among configurations ``keys``, default all) and
+    its configuration: the highest val top-1 at the end of the schedule; ties go to the higher
+    best-epoch val top-1, then the earlier trial."""
     done = [t for t in study.get_trials(deepcopy=False)
-            if st.state_name(t) == "COMPLETE" and not st.is_ignored(t) and t.value is not None]
+            if st.state_name(t) == "COMPLETE" and not st.is_ignored(t) and t.value is not None
+            and (keys is None or t.user_attrs["config_key"] in keys)]
     if not done:
         return None
 
@@ -755,13 +763,13 @@ def _deciding(trials: list):
     return done[0] if done else max(trials, key=lambda t: t.number)
 
 
-def collect(study_tune, study_final, seeds: list[int]) -> tuple[list[TrialResult], TrialResult | None,
-                                                                 list[FinalResult]]:
-    """The report's rows, from the storage: one per configuration, in trial order, the best
-    configuration, and one row per final seed."""
+def collect(study_tune, study_final, seeds: list[int], keys: set[str]) -> tuple[list[TrialResult],
+                                                                                TrialResult | None, list[FinalResult]]:
+    """The report's rows, from the storage: one per configuration of ``keys`` (the search), in
+    trial order, the best configuration, and one row per final seed."""
     by_key: dict[str, list] = {}
     for t in study_tune.get_trials(deepcopy=False):
-        if not st.is_ignored(t):
+        if not st.is_ignored(t) and t.user_attrs["config_key"] in keys:
             by_key.setdefault(t.user_attrs["config_key"], []).append(t)
     rows = []
     for key, ts in by_key.items():
@@ -772,7 +780,7 @@ def collect(study_tune, study_final, seeds: list[int]) -> tuple[list[TrialResult
                                 val_best=a.get("val_best"), seconds=a.get("seconds"), steps=a.get("steps"),
                                 run_dir=a.get("run_dir"), reason=a.get("reason"), attempts=len(ts)))
     rows.sort(key=lambda r: (r.index, r.number))
-    best = best_trial(study_tune)
+    best = best_trial(study_tune, keys)
     best_row = None
     if best is not None:
         best_row = next(r for r in rows if space.config_key(r.config) == best[0].user_attrs["config_key"])
@@ -1012,7 +1020,7 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
         _preflight(spec)
     _write_sweep_json(spec, worker.storage_text)
     n = len(worker.plan) if spec.sampler == "grid" else spec.trials
-    console.print(f"sweep {spec.study}: {n} trial(s) ({spec.sampler}, protocol tune), then "
+    console.print(f"sweep {spec.study}: {n} {'grid configurations' if spec.sampler == 'grid' else 'TPE trials'} (protocol tune), then "
                   f"{len(spec.seeds)} final run(s) (protocol final); storage {worker.storage_text}; "
                   f"{spec.workers} worker(s) -> {root}", markup=False)
     procs = []
@@ -1063,7 +1071,7 @@ def _finished(worker: _Worker) -> bool:
 
 def build_result(spec: SweepSpec, worker: _Worker) -> SweepResult:
     """The :class:`SweepResult` of a sweep, read from its storage."""
-    rows, best, finals = collect(worker.tune, worker.final if spec.seeds else None, spec.seeds)
+    rows, best, finals = collect(worker.tune, worker.final if spec.seeds else None, spec.seeds, worker.plan_keys())
     values = searched_values(worker.values, rows)
     return SweepResult(out=Path(spec.out), study=spec.study, storage=worker.storage_text, recipe=spec.recipe,
                        data=spec.data, model=spec.model, sampler=spec.sampler, base_grid=spec.grid, grid=values,

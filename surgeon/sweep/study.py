@@ -118,10 +118,19 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> str | None:
+    """Containers on one machine may share a host name but not a pid namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def new_owner() -> dict:
     """This worker's identity (one per worker, several may share a process)."""
     token = uuid.uuid4().hex
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()), "token": token}
+    return {"host": socket.gethostname(), "ns": _pid_namespace(), "pid": os.getpid(),
+            "start": _process_start(os.getpid()), "token": token}
 
 
 def activate(owner: dict) -> None:
@@ -136,14 +145,15 @@ def owner_alive(owner: dict | None, heartbeat: float | None, started: datetime |
                 stale_after_s: float, now: float | None = None) -> bool:
     """Whether the worker that owns a RUNNING trial is still at it.
 
-    On this host: its process exists (same pid and start time) and, if it is this very
-    process, the worker is still running. Elsewhere: a heartbeat within ``stale_after_s``.
+    On this host (same host name and pid namespace): its process exists (same pid and start
+    time) and, if it is this very process, the worker is still running. Elsewhere: a heartbeat
+    within ``stale_after_s`` (by this machine's clock).
     A trial popped but not yet owned counts as alive for ``stale_after_s`` after it started.
     """
     now = time.time() if now is None else now
     if not owner:
         return started is not None and now - started.timestamp() < stale_after_s
-    if owner.get("host") == socket.gethostname():
+    if owner.get("host") == socket.gethostname() and owner.get("ns") == _pid_namespace():
         pid = owner.get("pid")
         if not isinstance(pid, int):
             return False
