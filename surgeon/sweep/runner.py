@@ -1020,8 +1020,9 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
         _preflight(spec)
     _write_sweep_json(spec, worker.storage_text)
     n = len(worker.plan) if spec.sampler == "grid" else spec.trials
-    console.print(f"sweep {spec.study}: {n} {'grid configurations' if spec.sampler == 'grid' else 'TPE trials'} (protocol tune), then "
-                  f"{len(spec.seeds)} final run(s) (protocol final); storage {worker.storage_text}; "
+    what = "grid configurations" if spec.sampler == "grid" else "TPE trials"
+    console.print(f"sweep {spec.study}: {n} {what} (protocol tune), then {len(spec.seeds)} final run(s) "
+                  f"(protocol final); storage {worker.storage_text}; "
                   f"{spec.workers} worker(s) -> {root}", markup=False)
     procs = []
     log_file = None
