@@ -211,7 +211,7 @@ def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in 
 def sweep(recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
           grid: Optional[List[str]] = typer.Option(None, "--grid", "-g", metavar="KEY=[V1,V2,...]",
                                                    help="A searched key and its values (YAML, typed like --set); "
-                                                        "repeat for more keys, e.g. --grid train.base_lr=[1e-2,1e-3]."),
+                                                        "repeat for more keys, e.g. --grid 'train.base_lr=[1e-2,1e-3]'."),
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. builtin:digits."),
           model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
           trials: Optional[int] = typer.Option(None, "--trials", "-n",

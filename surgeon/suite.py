@@ -276,7 +276,7 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
     console.print(f"suite {suite['name']}: {len(cells)} cells, {len(cells) - len(todo)} finished, "
                   f"{len(todo)} to run" + (f"; {len(jobs)} sweeps, {sweeps_left} to finish" if jobs else "")
                   + f" -> {root}", markup=False)
-    chosen: dict[tuple[str, str], dict] = {}
+    chosen: dict[tuple[str, str], dict | None] = {}
     if not only_report:
         from surgeon.sweep import run_sweep
 
@@ -287,10 +287,12 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
             if job is not None and (cell.recipe, cell.dataset) not in chosen:
                 console.print(f"sweep {job.label} -> {job.out}", markup=False)
                 result = run_sweep(job.recipe, console=console, **_sweep_kwargs(suite, job, workers))
-                if result.best is None:
-                    raise UserError(f"the sweep of {job.label} has no trial with a val score: no configuration to "
-                                    f"train", where=str(result.report), hint="see the sweep's report for why")
                 chosen[(cell.recipe, cell.dataset)] = result.best_config
+                if result.best is None:
+                    console.print(f"warning: no trial of the sweep of {job.label} has a val score (see "
+                                  f"{result.report}): its cells are skipped", markup=False)
+            if job is not None and chosen[(cell.recipe, cell.dataset)] is None:
+                continue
             config = chosen.get((cell.recipe, cell.dataset))
             if config is not None:
                 from surgeon.sweep.space import config_overrides

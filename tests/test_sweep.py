@@ -202,7 +202,8 @@ def test_diverged_trial_is_recorded_not_fatal(tmp_path):
     study = _study(out, res.study)
     failed = [t for t in study.trials if t.state.name == "FAIL" and t.user_attrs.get("failure") == "diverged"]
     assert len(failed) == 1 and failed[0].params == {"train.base_lr": 1e30}
-    assert "failed: training stopped" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "failed (diverged)" in md and "train.base_lr=1e+30): failed (diverged): training stopped at step 2" in md
     # a rerun does not retry a diverged configuration
     mtime = (out / bad.run_dir / "metrics.jsonl").stat().st_mtime
     _sweep(out, ("train.base_lr=[1e-3,1e30]",), overrides=["train.max_bad_steps=1"], seeds=[])
@@ -217,12 +218,17 @@ def test_prune_stops_a_trial_and_records_why(tmp_path, monkeypatch):
     res = _sweep(out, ("train.base_lr=[1e-3]",), prune=True)
     (t,) = res.trials
     assert t.state == "pruned" and "step 2" in t.reason and t.steps == 2
+    assert t.val_best == max(_study(out, res.study).trials[0].intermediate_values.values())
+    assert "pruned at step 2" in (out / "report.md").read_text()
     stopped = [e for e in read_events(out / t.run_dir) if e["event"] == "stopped"]
     assert stopped and stopped[-1]["reason"].startswith("pruned") and stopped[-1]["step"] == 2
     assert not (out / t.run_dir / "summary.json").exists()
     study = _study(out, res.study)
     assert [x.state.name for x in study.trials] == ["PRUNED"] and study.trials[0].intermediate_values
     assert res.best is None and res.finals == []
+    # Never at the last evaluation: the run is complete there (here the only one, at step 4).
+    res = _sweep(tmp_path / "sw2", ("train.base_lr=[1e-3]",), overrides=["train.eval_every=4"], prune=True, seeds=[])
+    assert [t.state for t in res.trials] == ["complete"]
 
 
 def test_trainer_hook_reports_each_validation_and_can_stop(tmp_path):

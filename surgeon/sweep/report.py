@@ -36,12 +36,25 @@ def _link(result: "SweepResult", rel: str | None) -> str:
 
 
 def _state_text(r) -> str:
-    if r.state in ("complete",):
-        return "complete"
-    if r.reason and r.state in ("failed", "pruned", "interrupted"):
-        first = r.reason.splitlines()[0]
-        return f"{r.state}: {first[:120]}"
+    """Short: ``complete``, ``pruned at step 20``, ``failed (diverged)``; the reasons are listed below the table."""
+    if r.state == "pruned" and getattr(r, "steps", None):
+        return f"pruned at step {r.steps}"
+    if r.state in ("failed", "interrupted") and getattr(r, "failure", None):
+        return f"{r.state} ({r.failure})"
     return r.state
+
+
+def reasons(result: "SweepResult") -> list[str]:
+    """One line per trial or final run that ended without a result: why."""
+    out = []
+    for r in result.trials:
+        if r.reason and r.state in ("failed", "pruned", "interrupted"):
+            out.append(f"trial {r.index + 1} ({space.config_text(r.config)}): {_state_text(r)}: "
+                       f"{r.reason.splitlines()[0]}")
+    for f in result.finals:
+        if f.reason and f.state != "complete":
+            out.append(f"final seed {f.seed}: {f.state}: {f.reason.splitlines()[0]}")
+    return out
 
 
 def trials_table(result: "SweepResult", *, links: bool = True, title: str = "") -> Table:
@@ -188,6 +201,8 @@ def report_blocks(result: "SweepResult", base_dir: Path) -> list:
                    best_table(result)]
     plot = score_plot(result, base_dir / "plots" / "sweep.png")
     blocks += [Heading(f"Trials ({result.sampler} sampler)"), trials_table(result)]
+    if reasons(result):
+        blocks.append(Bullets(reasons(result)))
     if plot is not None:
         blocks.append(Figure(plot, "val top-1 at the end of the schedule against each searched value "
                                    "(line: the best over the other keys; star: the chosen configuration)."))
@@ -237,6 +252,7 @@ def summary_text(result: "SweepResult") -> str:
     """The console summary: the trials table, the best configuration, the final result."""
     parts = [render_markdown(trials_table(result, links=False, title=f"Trials ({result.sampler} sampler), "
                                                                      f"in {result.out}"))]
+    parts += ["\n".join(f"- {line}" for line in reasons(result))] if reasons(result) else []
     if result.best is not None:
         parts.append(f"best: {space.config_text(result.best.config)} — val top-1 {result.best.val_last:.2f}% "
                      f"(trial {result.best.index + 1}).{tie_text(result)}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from surgeon.errors import UserError
 from surgeon.sweep import space
@@ -99,6 +100,7 @@ class TrialResult:
     run_dir: str | None = None  # relative to the sweep directory
     reason: str | None = None
     attempts: int = 1
+    failure: str | None = None  # diverged / error / interrupted / crashed (failed trials)
 
 
 @dataclass
@@ -271,6 +273,7 @@ class _Worker:
         self.plan = space.configurations(self.values)
         self.edge_notes: dict[tuple[str, str], str] = {}
         self.tag = f"[w{index}] " if spec.workers > 1 else ""
+        self.mtag = escape(self.tag)  # for lines printed with rich markup
 
     def _create_study(self, name: str, *, tune: bool):
         o = self.optuna
@@ -512,7 +515,7 @@ class _Worker:
             label = f"final {i + 1}/{total}"
             what = f"train.seed={config['train.seed']} " + space.config_text(
                 {k: v for k, v in config.items() if k != "train.seed"})
-        self.console.print(f"{self.tag}[bold]{label}[/] {what}  -> {run_dir}", highlight=False)
+        self.console.print(f"{self.mtag}[bold]{label}[/] {escape(what)}  -> {escape(str(run_dir))}", highlight=False)
         t0 = time.perf_counter()
         on_validate = self._on_validate(trial, run_dir) if phase == "tune" else None
         try:
@@ -543,7 +546,9 @@ class _Worker:
                 return None
             if not total:
                 total.append(_total_steps(run_dir) or 0)
-            if step < PRUNE_WARMUP_FRACTION * total[0]:
+            # Not in the warm-up, and not at the last evaluation: the run is complete there, and
+            # pruning would only throw its result away.
+            if step < PRUNE_WARMUP_FRACTION * total[0] or step >= total[0]:
                 return None
             if trial.should_prune():
                 return (f"pruned: val top-1 {top1:.2f}% at step {step} (epoch {epoch}) is below the median of the "
@@ -654,8 +659,8 @@ class _Worker:
         study.tell(trial, float(last))
         top = best_trial(study, self.plan_keys())
         lead = f"  · best so far {top[0].value:.2f}% ({space.config_text(top[1])})" if top else ""
-        self.console.print(f"{self.tag}{label}: val top-1 [bold]{last:.2f}%[/] at the end (best epoch {_pct(best)}) "
-                           f"in {_fmt_seconds(total)}{lead}", highlight=False)
+        self.console.print(f"{self.mtag}{label}: val top-1 [bold]{last:.2f}%[/] at the end (best epoch {_pct(best)}) "
+                           f"in {_fmt_seconds(total)}{escape(lead)}", highlight=False)
         self._eta(study)
 
     def _tell_final(self, study, trial, summary: dict, label: str, seconds: float) -> None:
@@ -669,7 +674,7 @@ class _Worker:
             st.mark_failed(study, self.storage, trial, "error", "the final run has neither a test nor a val score")
             return
         study.tell(trial, float(value))
-        self.console.print(f"{self.tag}{label}: {summary.get('final_split') or 'test'} top-1 [bold]{value:.2f}%[/] "
+        self.console.print(f"{self.mtag}{label}: {summary.get('final_split') or 'test'} top-1 [bold]{value:.2f}%[/] "
                            f"in {_fmt_seconds(summary.get('wall_seconds', seconds))}", highlight=False)
 
     def _eta(self, study) -> None:
@@ -775,10 +780,14 @@ def collect(study_tune, study_final, seeds: list[int], keys: set[str]) -> tuple[
     for key, ts in by_key.items():
         t = _deciding(ts)
         a = t.user_attrs
+        val_best = a.get("val_best")
+        if val_best is None and t.intermediate_values:  # pruned: the best evaluation before it stopped
+            val_best = max(t.intermediate_values.values())
         rows.append(TrialResult(number=min(x.number for x in ts), index=a.get("index", -1), config=st.trial_config(t),
                                 state=_row_state(t), val_last=t.value if st.state_name(t) == "COMPLETE" else None,
-                                val_best=a.get("val_best"), seconds=a.get("seconds"), steps=a.get("steps"),
-                                run_dir=a.get("run_dir"), reason=a.get("reason"), attempts=len(ts)))
+                                val_best=val_best, seconds=a.get("seconds"), steps=a.get("steps"),
+                                run_dir=a.get("run_dir"), reason=a.get("reason"), attempts=len(ts),
+                                failure=a.get("failure") if st.state_name(t) == "FAIL" else None))
     rows.sort(key=lambda r: (r.index, r.number))
     best = best_trial(study_tune, keys)
     best_row = None
