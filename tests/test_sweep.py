@@ -366,6 +366,21 @@ def test_a_sweep_directory_refuses_another_sweep(tmp_path):
         runner.prepare_spec("lora", grid=["train.base_lr=[1e-2]"], overrides=TINY, out=tmp_path / "sw")
 
 
+def test_storage_passwords_stay_out_of_files(tmp_path):
+    from surgeon.sweep import runner
+
+    url = "postgresql://me:s3cret@db.example/sweeps"
+    spec = runner.prepare_spec("lora", grid=["train.base_lr=[1e-2,1e-3]"], overrides=TINY, out=tmp_path / "sw",
+                               storage=url)
+    runner._write_sweep_json(spec, runner.st.masked(url))
+    text = (tmp_path / "sw" / "sweep.json").read_text()
+    assert "s3cret" not in text and "postgresql://me:***@db.example/sweeps" in text
+    with pytest.raises(UserError, match="pass --storage again"):
+        runner.prepare_spec("lora", grid=["train.base_lr=[1e-2,1e-3]"], overrides=TINY, out=tmp_path / "sw")
+    assert runner.prepare_spec("lora", grid=["train.base_lr=[1e-2,1e-3]"], overrides=TINY, out=tmp_path / "sw",
+                               storage=url).storage == url
+
+
 # ----------------------------------------------------------------------- real processes
 
 def _cli_cmd(out: Path, *extra: str) -> list[str]:

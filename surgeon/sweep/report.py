@@ -68,8 +68,9 @@ def trials_table(result: "SweepResult", *, links: bool = True, title: str = "") 
         rows.append([f"{r.index + 1}{mark}", *(space.value_text(r.config.get(k)) for k in keys), _state_text(r),
                      _pct(r.val_last), _pct(r.val_best), duration(r.seconds),
                      str(r.attempts), _link(result, r.run_dir) if links else (r.run_dir or "—")])
-    notes = ["val top-1 (%) on the held-out val split (protocol tune: trained on train800, scored on val200; "
-             "test untouched). **end** = the last evaluation (the objective); **best epoch** = the best evaluation."]
+    notes = ["val top-1 (%) under protocol tune (trained on the training split, train800 for VTAB-1k; scored on "
+             "the val split, val200; test untouched). **end** = the last evaluation (the objective); "
+             "**best epoch** = the best evaluation."]
     if any(r.attempts > 1 for r in result.trials):
         notes.append("runs > 1: the trial was interrupted and resumed from its checkpoint.")
     return Table(["trial", *keys, "state", "val top-1 end", "val top-1 best epoch", "train time", "runs", "run"], rows,
@@ -99,10 +100,11 @@ def finals_table(result: "SweepResult", *, links: bool = True) -> Table:
     if vals:
         mean = f"{result.test_mean:.2f}" + (f" ± {result.test_std:.2f}" if result.test_std is not None else "")
         rows.append(["**mean**", f"{len(vals)} of {len(result.finals)}", mean, "", "", ""])
-    return Table(["seed", "state", "test top-1", "val top-1 (in train)", "train time", "run"], rows,
+    return Table(["seed", "state", "test top-1", "val top-1 (monitor)", "train time", "run"], rows,
                  ["r", "l", "r", "r", "r", "l"],
-                 notes=["protocol final: trained on train800val200, tested on test; mean ± sample std over seeds. "
-                        "val is part of the training data here (monitoring only)."])
+                 notes=["protocol final: trained on train+val (train800val200) where the source has that pair "
+                        "(vtab1k, fgvc, builtin; then val is inside the training data and only monitors), tested "
+                        "on test; mean ± sample std over seeds."])
 
 
 def _sort_key(v):
@@ -181,10 +183,10 @@ def report_blocks(result: "SweepResult", base_dir: Path) -> list:
               Paragraph(f"{', '.join(what)}; {len(result.trials)} configuration(s) ({state_text}), "
                         f"{result.sampler} sampler; Optuna study `{result.study}` in `{result.storage}`; "
                         f"written {datetime.now().strftime('%Y-%m-%d %H:%M')}."),
-              Paragraph("Protocol (VTAB-1k): each trial trains on the training split (train800) and is scored on "
-                        "the validation split (val200) at the **end of its schedule**; no test image is seen. The "
-                        "best configuration is then retrained on train+val (train800val200) for each seed and "
-                        "scored on test.")]
+              Paragraph("Protocol (VTAB-1k): each trial trains with `data.protocol: tune` on the training split "
+                        "(train800) and is scored on the validation split (val200) at the **end of its schedule**; "
+                        "no test image is seen. The best configuration is then retrained with `data.protocol: final` "
+                        "(train+val, train800val200, for sources with that pair) for each seed and scored on test.")]
     if result.overrides:
         blocks.append(Paragraph("Fixed overrides: " + ", ".join(f"`{o}`" for o in result.overrides) + "."))
     for e in result.edges:

@@ -937,8 +937,13 @@ def _check_sweep_dir(spec: SweepSpec) -> None:
         raise UserError(f"{root} holds another sweep ({', '.join(changed) or 'the resolved recipe'} differ"
                         f"{'s' if len(changed) == 1 else ''})", where=str(info),
                         hint="continue it with its own command, or pass another --out")
-    if spec.storage is None and old.get("storage_arg"):
-        spec.storage = old["storage_arg"]  # rerun without --storage: keep the storage it used
+    stored = old.get("storage_arg")
+    if spec.storage is None and stored:
+        # A rerun without --storage keeps the storage the sweep used (a URL with a password is
+        # not written to disk: it must be given again).
+        if "***@" in stored:
+            raise UserError(f"this sweep keeps its state in {stored}: pass --storage again", where=str(info))
+        spec.storage = stored
 
 
 def _write_sweep_json(spec: SweepSpec, storage_text: str) -> None:
@@ -947,7 +952,7 @@ def _write_sweep_json(spec: SweepSpec, storage_text: str) -> None:
     root = Path(spec.out)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "sweep.json", {
-        "digest": spec.digest, "study": spec.study, "storage": storage_text, "storage_arg": spec.storage,
+        "digest": spec.digest, "study": spec.study, "storage": storage_text, "storage_arg": st.masked(spec.storage),
         "recipe": spec.recipe, "model": spec.model, "data": spec.data, "overrides": spec.overrides,
         "grid": spec.grid, "sampler": spec.sampler, "trials": spec.trials, "seeds": spec.seeds,
         "prune": spec.prune, "extend_edges": spec.extend_edges,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -57,6 +58,11 @@ def import_optuna():
     return optuna
 
 
+def masked(url: str | None) -> str | None:
+    """A storage URL fit for reports and files: ``postgresql://user:***@host/db``."""
+    return None if url is None else re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
 def open_storage(url: str | None, default_file: Path):
     """An Optuna storage and its description.
 
@@ -81,14 +87,14 @@ def open_storage(url: str | None, default_file: Path):
         if url.startswith(("redis://", "rediss://", "unix://")):
             from optuna.storages.journal import JournalRedisBackend
 
-            return JournalStorage(JournalRedisBackend(url)), url
-        return optuna.storages.RDBStorage(url), url
+            return JournalStorage(JournalRedisBackend(url)), masked(url)
+        return optuna.storages.RDBStorage(url), masked(url)
     except ImportError as exc:
-        raise UserError(f"the storage {url!r} needs a package that is not installed ({exc})", where="--storage",
+        raise UserError(f"the storage {masked(url)!r} needs a package that is not installed ({exc})", where="--storage",
                         hint="install the database driver (e.g. pip install psycopg2-binary / redis)") from None
     except Exception as exc:  # noqa: BLE001 - any connection problem is the user's URL or server
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise UserError(f"cannot open the storage {url!r}: {first}", where="--storage",
+        raise UserError(f"cannot open the storage {masked(url)!r}: {first}", where="--storage",
                         hint="check the URL, the server and the credentials") from None
 
 
