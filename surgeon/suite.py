@@ -313,8 +313,9 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
                          resume=str(resume) if resume else None, console=console)
             cell_seconds += time.perf_counter() - t0
             elapsed = time.perf_counter() - started
-            console.print(f"  {elapsed / 60:.1f} min so far, ~{cell_seconds / trained * (len(todo) - trained) / 60:.1f} "
-                          f"min of cells left" + (" (plus their sweeps)" if jobs else ""), markup=False)
+            left = cell_seconds / trained * (len(todo) - trained)
+            console.print(f"  {elapsed / 60:.1f} min so far, ~{left / 60:.1f} min of cells left"
+                          + (" (plus their sweeps)" if jobs else ""), markup=False)
     return write_suite_report(suite, cells, root, console, jobs=jobs)
 
 

@@ -857,7 +857,8 @@ def parse_seeds(seeds) -> list[int] | None:
         try:
             seeds = [int(p) for p in seeds.split(",") if p.strip()]
         except ValueError:
-            raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2", where="--seeds") from None
+            raise UserError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2",
+                            where="--seeds") from None
     seeds = list(seeds)
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
         raise UserError(f"--seeds {seeds!r}: expected integers >= 0, e.g. 0,1,2", where="--seeds")
