@@ -220,7 +220,8 @@ def _check_sweeps(suite: dict, jobs: dict) -> None:
             problems.append(f"sweep {job.label}: {exc.message}")
     if problems:
         raise UserError("\n".join(problems), where=suite["source"],
-                        hint="sweep.grid / sweep.recipe_grid keys are --set paths of each recipe")
+                        hint="sweep.grid / sweep.recipe_grid keys are --set paths of each recipe; a sweep directory "
+                             "that holds another search (the suite's settings changed) must be deleted first")
 
 
 def _cell_config_mismatch(cell: Cell, config: dict) -> list[str]:
