@@ -330,14 +330,53 @@ def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in 
           set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
                                                    help="Override a suite field, e.g. seeds=[0] or set.train.epochs=2."),
           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default runs/suites/NAME)."),
-          report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells.")):
-    """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report."""
+          report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells."),
+          workers: int = typer.Option(1, "--workers", "-w",
+                                      help="Worker processes for each sweep of a `sweep:` section.")):
+    """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report.
+    With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`)."""
     from surgeon.resources import builtin_suite
     from surgeon.suite import run_suite
 
-    md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only)
+    md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only,
+                   workers=workers)
     out.print(md.read_text(), markup=False)
     out.print(str(md), markup=False)
+
+
+@app.command()
+def sweep(recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
+          grid: Optional[List[str]] = typer.Option(None, "--grid", "-g", metavar="KEY=[V1,V2,...]",
+                                                   help="A searched key and its values (YAML, typed like --set); "
+                                                        "repeat for more keys, e.g. --grid 'train.base_lr=[1e-2,1e-3]'."),
+          data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. builtin:digits."),
+          model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
+          trials: Optional[int] = typer.Option(None, "--trials", "-n",
+                                               help="With --sampler tpe: how many configurations to train."),
+          sampler: Optional[str] = typer.Option(None, "--sampler",
+                                                help="grid (every combination; default) or tpe (default with --trials)."),
+          seeds: Optional[str] = typer.Option(None, "--seeds",
+                                              help="Seeds of the final runs, e.g. 0,1,2 (default: the recipe's train.seed)."),
+          workers: int = typer.Option(1, "--workers", "-w", help="Worker processes on this machine (they share the storage)."),
+          storage: Optional[str] = typer.Option(None, "--storage",
+                                                help="Optuna storage: a journal file (default OUT/study.journal) or a URL "
+                                                     "(postgresql://..., mysql://..., redis://...) shared by several machines."),
+          study: Optional[str] = typer.Option(None, "--study", help="Study name (default: recipe-data-hash of the search)."),
+          prune: bool = typer.Option(False, "--prune", help="Stop hopeless trials early (median rule on val top-1)."),
+          extend_edges: bool = typer.Option(False, "--extend-edges",
+                                            help="When a numeric key's best value is on the edge of its grid, add the "
+                                                 "next value beyond (same ratio), up to 3 times per side."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                 help="Sweep directory (default runs/sweeps/<recipe>-<data>-<hash>).")):
+    """Tune hyper-parameters (VTAB protocol: train800 -> val200), then retrain the best on train800val200
+    for each seed and report test. Resumable: run the same command again to continue."""
+    from surgeon.sweep import run_sweep
+    from surgeon.sweep.report import summary_text
+
+    result = run_sweep(recipe, grid=grid or [], data=data, model=model, overrides=set_ or [], sampler=sampler,
+                       trials=trials, seeds=seeds, workers=workers, storage=storage, study=study, prune=prune,
+                       extend_edges=extend_edges, out=out_dir, console=err)
+    out.print(summary_text(result), markup=False)
 
 
 @app.command()

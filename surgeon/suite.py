@@ -6,9 +6,19 @@ finished cells are skipped and interrupted ones resumed, so re-running a suite c
 At the end one comparison report is written (rows = methods, columns = tasks, mean ± std over
 seeds, Params (M), train time), plus, for the recipes listed in ``inference_ablation``, MoSA's
 inference mechanisms (paper Table 6) evaluated on the finished runs.
+
+With a ``sweep:`` section, each recipe × dataset is first tuned by :mod:`surgeon.sweep`
+(``OUT/<recipe>/<dataset>/sweep``, protocol tune, on the suite's ``set``/``recipe_set`` plus the
+grid) and its seed cells then train the chosen configuration under ``data.protocol: final``;
+the report adds a table of the chosen values.
+
+``set``, ``recipe_set.<recipe>``, ``sweep.grid`` and ``sweep.recipe_grid.<recipe>`` map dotted
+recipe keys to values; a suite override into them sets one such key
+(``--set set.train.epochs=2`` changes ``train.epochs`` only, like a recipe override).
 """
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -19,7 +29,7 @@ import jsonschema
 from rich.console import Console
 
 from surgeon.errors import UserError
-from surgeon.recipe.loader import apply_overrides, read_recipe
+from surgeon.recipe.loader import RawRecipe, apply_overrides, parse_override, read_recipe
 
 SUITE_SCHEMA = {
     "type": "object",
@@ -39,8 +49,20 @@ SUITE_SCHEMA = {
         "recipe_set": {"type": "object", "additionalProperties": {"type": "object"}},
         "inference_ablation": {"type": "array", "items": {"type": "string"}},
         "out": {"type": "string"},
+        "sweep": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "grid": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1}},
+                "recipe_grid": {"type": "object", "additionalProperties": {
+                    "type": "object", "additionalProperties": {"type": "array", "minItems": 1}}},
+                "extend_edges": {"type": "boolean"},
+                "prune": {"type": "boolean"},
+            },
+        },
     },
 }
+# Suite mappings whose keys are dotted recipe keys (None: any name, e.g. a recipe).
+FLAT_MAPPINGS = (("set",), ("recipe_set", None), ("sweep", "grid"), ("sweep", "recipe_grid", None))
 ABLATION_MODES = ("merge", "stochastic", "fixed", "ensemble")
 
 
@@ -59,9 +81,46 @@ class Cell:
         return f"{self.recipe} × {self.dataset} × seed {self.seed}"
 
 
+def _flat_target(path: tuple) -> tuple[tuple, str] | None:
+    """``("set", "train", "epochs")`` -> ``(("set",), "train.epochs")``; None outside the flat mappings."""
+    for pattern in FLAT_MAPPINGS:
+        n = len(pattern)
+        if len(path) > n and all(p is None or p == q for p, q in zip(pattern, path)):
+            return tuple(path[:n]), ".".join(map(str, path[n:]))
+    return None
+
+
+def apply_suite_overrides(raw: RawRecipe, overrides: list[str]) -> RawRecipe:
+    """Suite overrides, in order: into ``set``/``recipe_set``/sweep grids they set one dotted
+    recipe key (merging into the mapping); anything else is an ordinary override."""
+    for text in overrides:
+        op, path, value = parse_override(text)
+        target = _flat_target(path)
+        if target is None:
+            raw = apply_overrides(raw, [text])
+            continue
+        prefix, key = target
+        data = copy.deepcopy(raw.data)
+        node = data
+        for part in prefix:
+            if not isinstance(node.get(part), dict):
+                if part in node:
+                    raise UserError(f"bad --set '{text}': {'.'.join(prefix)} is not a mapping", where=raw.source)
+                node[part] = {}
+            node = node[part]
+        if op == "del":
+            node.pop(key, None)
+        else:
+            node[key] = value
+        origin = dict(raw.origin)
+        origin[prefix + (key,)] = f"--set {text}"
+        raw = RawRecipe(data, origin, raw.source)
+    return raw
+
+
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read and check a suite file (``--set`` overrides apply to the suite's own fields)."""
-    raw = apply_overrides(read_recipe(Path(path)), overrides or [])
+    raw = apply_suite_overrides(read_recipe(Path(path)), overrides or [])
     errors = sorted(jsonschema.Draft202012Validator(SUITE_SCHEMA).iter_errors(raw.data), key=lambda e: list(e.path))
     if errors:
         raise UserError("; ".join(f"{'.'.join(map(str, e.path)) or '(suite)'}: {e.message}" for e in errors),
@@ -108,8 +167,85 @@ def cell_finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
+@dataclass
+class SweepJob:
+    """The sweep of one recipe × dataset (a suite's ``sweep:`` section)."""
+
+    recipe: str
+    dataset: str
+    grid: dict
+    out: Path
+    overrides: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.recipe} × {self.dataset}"
+
+
+def suite_sweeps(suite: dict, out: Path) -> dict[tuple[str, str], SweepJob]:
+    """One sweep per recipe × dataset with a non-empty grid, on the overrides of the cells
+    (``model``, ``set``, ``recipe_set``, the dataset) with ``train.seed`` = the first seed."""
+    section = suite.get("sweep")
+    if not section:
+        return {}
+    jobs = {}
+    seed = suite["seeds"][0]
+    for dataset in suite["datasets"]:
+        for recipe in suite["recipes"]:
+            grid = {**(section.get("grid") or {}), **(section.get("recipe_grid") or {}).get(recipe, {})}
+            if not grid:
+                continue
+            cell = next(c for c in suite_cells({**suite, "seeds": [seed]}, out)
+                        if c.recipe == recipe and c.dataset == dataset)
+            jobs[(recipe, dataset)] = SweepJob(recipe, dataset, grid, out / recipe / _short(dataset) / "sweep",
+                                               cell.overrides)
+    return jobs
+
+
+def _sweep_kwargs(suite: dict, job: SweepJob, workers: int) -> dict:
+    section = suite["sweep"]
+    return dict(grid=job.grid, overrides=job.overrides, seeds=[], out=job.out,
+                extend_edges=bool(section.get("extend_edges")), prune=bool(section.get("prune")), workers=workers)
+
+
+def _check_sweeps(suite: dict, jobs: dict) -> None:
+    """Every sweep's grid against its recipe, all problems at once, before anything trains."""
+    from surgeon.sweep import prepare_spec
+
+    problems = []
+    for job in jobs.values():
+        try:
+            prepare_spec(job.recipe, **_sweep_kwargs(suite, job, 1))
+        except UserError as exc:
+            problems.append(f"sweep {job.label}: {exc.message}")
+    if problems:
+        raise UserError("\n".join(problems), where=suite["source"],
+                        hint="sweep.grid / sweep.recipe_grid keys are --set paths of each recipe; a sweep directory "
+                             "that holds another search (the suite's settings changed) must be deleted first")
+
+
+def _cell_config_mismatch(cell: Cell, config: dict) -> list[str]:
+    """Grid keys where a finished cell's recipe differs from the chosen configuration."""
+    from surgeon.recipe.loader import parse_override
+    from surgeon.run import read_run_recipe
+
+    recipe = read_run_recipe(cell.run_dir)
+    out = []
+    for key, value in config.items():
+        node = recipe
+        for part in parse_override(f"{key}=0")[1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        if node != value:
+            out.append(f"{key}: trained with {node!r}, chosen {value!r}")
+    return out
+
+
 def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str | Path | None = None,
-              console: Console | None = None, only_report: bool = False) -> Path:
+              console: Console | None = None, only_report: bool = False, workers: int = 1) -> Path:
     """Run (or continue) a suite and write its comparison report.
 
     Args:
@@ -117,6 +253,7 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
         overrides: ``--set`` on the suite file's fields (e.g. ``seeds=[0]``, ``set.train.epochs=1``).
         out: output root; default the suite's ``out`` or ``runs/suites/<name>``.
         only_report: do not train, only (re)write the report from the finished cells.
+        workers: worker processes for each sweep of a ``sweep:`` section (cells run one at a time).
 
     Returns:
         the path of the comparison markdown.
@@ -128,23 +265,101 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
     suite = load_suite(path, overrides)
     root = Path(out or suite.get("out") or Path("runs") / "suites" / suite["name"])
     cells = suite_cells(suite, root)
-    # Validate every cell's recipe before training anything: a typo must not surface an hour in.
+    jobs = suite_sweeps(suite, root)
+    # Validate every cell's recipe (and every sweep's grid) before training anything: a typo
+    # must not surface an hour in.
     for cell in cells:
         load_recipe(cell.recipe, cell.overrides)
+    if jobs and not only_report:
+        _check_sweeps(suite, jobs)
     todo = [c for c in cells if not cell_finished(c.run_dir)]
+    sweeps_left = sum(1 for j in jobs.values() if not _sweep_result(j))
     console.print(f"suite {suite['name']}: {len(cells)} cells, {len(cells) - len(todo)} finished, "
-                  f"{len(todo)} to run -> {root}", markup=False)
+                  f"{len(todo)} to run" + (f"; {len(jobs)} sweeps, {sweeps_left} to finish" if jobs else "")
+                  + f" -> {root}", markup=False)
+    chosen: dict[tuple[str, str], dict | None] = {}
     if not only_report:
+        from surgeon.sweep import run_sweep
+
         started = time.perf_counter()
-        for k, cell in enumerate(todo, 1):
+        trained, cell_seconds = 0, 0.0
+        for cell in cells:
+            job = jobs.get((cell.recipe, cell.dataset))
+            if job is not None and (cell.recipe, cell.dataset) not in chosen:
+                console.print(f"sweep {job.label} -> {job.out}", markup=False)
+                result = run_sweep(job.recipe, console=console, **_sweep_kwargs(suite, job, workers))
+                chosen[(cell.recipe, cell.dataset)] = result.best_config
+                if result.best is None:
+                    console.print(f"warning: no trial of the sweep of {job.label} has a val score (see "
+                                  f"{result.report}): its cells are skipped", markup=False)
+            if job is not None and chosen[(cell.recipe, cell.dataset)] is None:
+                continue
+            config = chosen.get((cell.recipe, cell.dataset))
+            if config is not None:
+                from surgeon.sweep.space import config_overrides
+
+                cell.overrides = cell.overrides + config_overrides(config) + ["data.protocol=final"]
+            if cell_finished(cell.run_dir):
+                mismatch = _cell_config_mismatch(cell, config) if config else []
+                if mismatch:
+                    console.print(f"warning: {cell.label} was trained with another configuration than its sweep "
+                                  f"now chooses ({'; '.join(mismatch)}); delete {cell.run_dir} to retrain it",
+                                  markup=False)
+                continue
+            trained += 1
             resume = cell.run_dir if (cell.run_dir / "recipe.yaml").is_file() else None
-            console.print(f"[{k}/{len(todo)}] {cell.label}{' (resuming)' if resume else ''}", markup=False)
+            console.print(f"[{trained}/{len(todo)}] {cell.label}{' (resuming)' if resume else ''}", markup=False)
+            t0 = time.perf_counter()
             apply_recipe(cell.recipe, overrides=cell.overrides, out=str(cell.run_dir),
                          resume=str(resume) if resume else None, console=console)
+            cell_seconds += time.perf_counter() - t0
             elapsed = time.perf_counter() - started
-            console.print(f"  {elapsed / 60:.1f} min so far, ~{elapsed / k * (len(todo) - k) / 60:.1f} min left",
-                          markup=False)
-    return write_suite_report(suite, cells, root, console)
+            left = cell_seconds / trained * (len(todo) - trained)
+            console.print(f"  {elapsed / 60:.1f} min so far, ~{left / 60:.1f} min of cells left"
+                          + (" (plus their sweeps)" if jobs else ""), markup=False)
+    return write_suite_report(suite, cells, root, console, jobs=jobs)
+
+
+def _sweep_result(job: SweepJob) -> dict | None:
+    """The sweep's ``result.json`` when it has a chosen configuration."""
+    path = job.out / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return data if data.get("best_config") else None
+
+
+def chosen_table(suite: dict, jobs: dict):
+    """Per recipe × dataset: the values the sweep chose (◂edge: the smallest or largest value
+    searched), its val top-1 and how many configurations it trained."""
+    from surgeon.report.tables import Table
+    from surgeon.sweep.space import value_text
+
+    rows = []
+    any_edge = False
+    for (recipe, dataset), job in jobs.items():
+        res = _sweep_result(job)
+        if res is None:
+            rows.append([recipe, _short(dataset), "— (sweep not finished)", "—", "—"])
+            continue
+        edges = {e["key"] for e in res.get("edges", [])}
+        any_edge |= bool(edges)
+        chosen = ", ".join(f"{k}={value_text(v)}" + (" ◂edge" if k in edges else "")
+                           for k, v in res["best_config"].items())
+        done = sum(1 for t in res["trials"] if t["state"] == "complete")
+        # The comparison is written to OUT/report/: its links go up one level.
+        link = f"../{recipe}/{_short(dataset)}/{job.out.name}/report.md"
+        rows.append([recipe, _short(dataset), chosen, f"{res['best']['val_last']:.1f}",
+                     f"{done}/{len(res['trials'])} ([report]({link}))"])
+    notes = ["Chosen by val top-1 at the end of the schedule under the tune protocol (train800 → val200); "
+             "the cells above retrain it under the final protocol."]
+    if any_edge:
+        notes.append("◂edge: the best value is the smallest or largest value searched; the best may lie beyond it.")
+    return Table(["recipe", "data set", "chosen values", "val top-1 (tune)", "trials complete"], rows,
+                 ["l", "l", "l", "r", "l"], title="Hyper-parameters chosen by the sweeps", notes=notes)
 
 
 def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
@@ -192,8 +407,10 @@ def ablation_table(suite: dict, ablation: dict):
     return table
 
 
-def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Console) -> Path:
-    """The comparison report of the finished cells (+ the inference ablation table)."""
+def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Console,
+                       jobs: dict | None = None) -> Path:
+    """The comparison report of the finished cells (+ the inference ablation table, + the
+    sweeps' chosen values)."""
     from surgeon.report import compare_runs
 
     finished = [c.run_dir for c in cells if cell_finished(c.run_dir)]
@@ -201,6 +418,8 @@ def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Cons
         raise UserError(f"no finished runs under {root}", hint="run the suite first")
     ablation = _ablation(cells, suite.get("inference_ablation") or [], console)
     extra = [ablation_table(suite, ablation)] if ablation else []
+    if jobs:
+        extra.append(chosen_table(suite, jobs))
     md = compare_runs(finished, root / "report", title=f"Suite {suite['name']}", extra_blocks=extra)
     console.print(f"report: {md}", markup=False)
     return md

@@ -98,8 +98,14 @@ def prepare(recipe_ref: str | None, *, model: str | None = None, data: str | Non
 
 def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
                  overrides: list[str] | None = None, out: str | None = None, resume: str | None = None,
-                 console: Console | None = None) -> Path:
-    """Run ``surgeon apply``; returns the run directory."""
+                 console: Console | None = None, on_validate=None) -> Path:
+    """Run ``surgeon apply``; returns the run directory.
+
+    ``on_validate(step, epoch, top1) -> str | None`` is passed to the
+    :class:`~surgeon.train.trainer.Trainer`: called after each validation, a non-empty return
+    value stops the run with :class:`~surgeon.train.trainer.TrainingStopped` (no summary, merge
+    or report; ``metrics.jsonl`` ends with a ``stopped`` event giving the reason).
+    """
     from surgeon.merge_run import merge_run
     from surgeon.train.checkpoint import load_checkpoint, seed_everything
     from surgeon.train.trainer import Trainer, resolve_device, write_summary
@@ -134,7 +140,8 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
             _same_recipe_or_fail(state["recipe"], recipe.data, str(paths.last))
         log = MetricsLog(paths.metrics)
         try:
-            trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console)
+            trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console,
+                              on_validate=on_validate)
             if state is not None:
                 trainer.load_checkpoint(state)
                 console.print(f"resuming at step {trainer.step} of {trainer.budget.total_steps} "

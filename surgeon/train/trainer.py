@@ -12,6 +12,10 @@ update (counted; ``train.max_bad_steps`` in a row stop the run). Validation runs
 validation top-1 (ties: the later step) keeps its surgery tensors in ``checkpoints/best``.
 Checkpoints are written every ``train.checkpoint_every`` steps, at epoch ends and after the last
 step. Events go to ``metrics.jsonl`` (see :mod:`surgeon.run`); ``epoch`` there is 1-based.
+
+An optional ``on_validate(step, epoch, top1)`` callback (used by ``surgeon sweep`` for pruning)
+is called after each validation; returning a non-empty reason stops the run: a ``stopped``
+event with that reason is logged and :class:`TrainingStopped` is raised.
 """
 from __future__ import annotations
 
@@ -36,6 +40,19 @@ LOSS_TERMS = ("loss", "ce", "consistency", "alignment")
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last checkpoint is left as it was."""
+
+
+class TrainingStopped(Exception):
+    """The ``on_validate`` callback asked to stop (e.g. a sweep pruned the trial); not a user error.
+
+    Attributes:
+        reason: the callback's reason (also logged as the ``stopped`` event's ``reason``).
+        step: optimizer steps done when it stopped.
+    """
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(f"training stopped at step {step}: {reason}")
+        self.reason, self.step = reason, step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,11 +86,15 @@ class Trainer:
         paths: the run's :class:`~surgeon.run.RunPaths`.
         log: the run's :class:`~surgeon.run.MetricsLog`.
         device: where training runs.
+        on_validate: optional ``f(step, epoch, top1) -> str | None`` called after each validation
+            (``step``: optimizer steps done; ``epoch``: 1-based; ``top1``: val top-1 in percent).
+            A non-empty return value is a reason to stop: see :class:`TrainingStopped`.
     """
 
     def __init__(self, recipe, model: nn.Module, splits, paths: RunPaths, log: MetricsLog, *,
-                 device: torch.device, progress_console=None):
+                 device: torch.device, progress_console=None, on_validate=None):
         self.recipe, self.model, self.splits, self.paths, self.log = recipe, model, splits, paths, log
+        self.on_validate = on_validate
         self.cfg = recipe["train"]
         self.device = device
         self.console = progress_console
@@ -276,6 +297,11 @@ class Trainer:
         if result.n and (self.best_top1 is None or result.top1 >= self.best_top1):
             self.best_top1, self.best_step = result.top1, self.step
             save_tensors(self.paths.best, surgery_state(self.model))
+        if self.on_validate is not None:
+            reason = self.on_validate(self.step, epoch + 1, result.top1)
+            if reason:
+                self.log.log("stopped", step=self.step, epoch=epoch + 1, reason=str(reason), time=self.elapsed())
+                raise TrainingStopped(str(reason), self.step)
         return result
 
     # ------------------------------------------------------------------------------ finish
