@@ -12,9 +12,14 @@ With a ``sweep:`` section, each recipe × dataset is first tuned by :mod:`surgeo
 grid) and its seed cells then train the chosen configuration under ``data.protocol: final``;
 the report adds a table of the chosen values.
 
-``set``, ``recipe_set.<recipe>``, ``sweep.grid`` and ``sweep.recipe_grid.<recipe>`` map dotted
-recipe keys to values; a suite override into them sets one such key
-(``--set set.train.epochs=2`` changes ``train.epochs`` only, like a recipe override).
+``set``, ``dataset_set.<dataset>``, ``recipe_set.<recipe>``, ``recipe_dataset_set.<recipe>.<dataset>``,
+``sweep.grid`` and ``sweep.recipe_grid.<recipe>`` map dotted recipe keys to values; a cell applies
+them in that order (later wins), so a benchmark's per-dataset settings (``dataset_set``: e.g. the
+published lr of each FGVC dataset) can be overridden per recipe. A suite override into them sets
+one such key (``--set set.train.epochs=2`` changes ``train.epochs`` only, like a recipe override).
+
+A dataset without a scheme is a task folder under ``data_root``, read as ``data_scheme``
+(``vtab1k`` by default; ``fgvc`` for VPT-style json folders, ``imagefolder``).
 """
 from __future__ import annotations
 
@@ -40,13 +45,17 @@ SUITE_SCHEMA = {
         "description": {"type": "string"},
         "model": {"type": "object", "additionalProperties": False, "required": ["name"],
                   "properties": {"name": {"type": "string"}, "pretrained": {"type": ["boolean", "string"]},
-                                 "kwargs": {"type": "object"}}},
+                                 "tag": {"type": ["string", "array", "null"]}, "kwargs": {"type": "object"}}},
         "data_root": {"type": "string"},
+        "data_scheme": {"enum": ["vtab1k", "fgvc", "imagefolder"]},
         "recipes": {"type": "array", "minItems": 1, "items": {"type": "string"}},
         "datasets": {"type": "array", "minItems": 1, "items": {"type": "string"}},
         "seeds": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
         "set": {"type": "object"},
         "recipe_set": {"type": "object", "additionalProperties": {"type": "object"}},
+        "dataset_set": {"type": "object", "additionalProperties": {"type": "object"}},
+        "recipe_dataset_set": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": {"type": "object"}}},
         "inference_ablation": {"type": "array", "items": {"type": "string"}},
         "out": {"type": "string"},
         "sweep": {
@@ -62,7 +71,8 @@ SUITE_SCHEMA = {
     },
 }
 # Suite mappings whose keys are dotted recipe keys (None: any name, e.g. a recipe).
-FLAT_MAPPINGS = (("set",), ("recipe_set", None), ("sweep", "grid"), ("sweep", "recipe_grid", None))
+FLAT_MAPPINGS = (("set",), ("recipe_set", None), ("dataset_set", None), ("recipe_dataset_set", None, None),
+                 ("sweep", "grid"), ("sweep", "recipe_grid", None))
 ABLATION_MODES = ("merge", "stochastic", "fixed", "ensemble")
 
 
@@ -132,13 +142,13 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 def _dataset_spec(suite: dict, dataset: str) -> str:
-    # A bare task name is a VTAB-1k task under data_root.
+    # A bare task name is a folder under data_root, read as data_scheme (VTAB-1k by default).
     if ":" in dataset:
         return dataset
     if "data_root" not in suite:
         raise UserError(f"dataset '{dataset}' has no scheme and the suite has no data_root",
                         where=suite["source"], hint="write builtin:NAME / imagefolder:PATH, or set data_root")
-    return f"vtab1k:{Path(suite['data_root']) / dataset}"
+    return f"{suite.get('data_scheme', 'vtab1k')}:{Path(suite['data_root']) / dataset}"
 
 
 def _short(dataset: str) -> str:
@@ -152,11 +162,16 @@ def suite_cells(suite: dict, out: Path) -> list[Cell]:
         base.append(f"model.{key}={json.dumps(value)}")
     for key, value in (suite.get("set") or {}).items():
         base.append(f"{key}={json.dumps(value)}")
+    def pairs(mapping: dict | None) -> list[str]:
+        return [f"{k}={json.dumps(v)}" for k, v in (mapping or {}).items()]
+
     cells = []
     for seed in suite["seeds"]:
         for dataset in suite["datasets"]:
             for recipe in suite["recipes"]:
-                extra = [f"{k}={json.dumps(v)}" for k, v in (suite.get("recipe_set") or {}).get(recipe, {}).items()]
+                extra = (pairs((suite.get("dataset_set") or {}).get(dataset))
+                         + pairs((suite.get("recipe_set") or {}).get(recipe))
+                         + pairs(((suite.get("recipe_dataset_set") or {}).get(recipe) or {}).get(dataset)))
                 overrides = base + extra + [f"train.seed={seed}", f"data.source={json.dumps(_dataset_spec(suite, dataset))}"]
                 cells.append(Cell(recipe, dataset, seed, out / recipe / _short(dataset) / f"seed{seed}", overrides))
     return cells

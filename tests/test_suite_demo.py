@@ -31,6 +31,46 @@ def test_every_cell_recipe_is_valid(tmp_path):
             load_recipe(cell.recipe, cell.overrides)
 
 
+def _resolved(suite_name: str, tmp_path, overrides=()) -> dict:
+    from surgeon.recipe import load_recipe
+
+    cells = suite_cells(load_suite(builtin_suite(suite_name), list(overrides)), tmp_path)
+    return {(c.recipe, c.dataset): load_recipe(c.recipe, c.overrides).data for c in cells}
+
+
+def test_vtab1k_suite_carries_the_published_settings(tmp_path):
+    cells = _resolved("vtab1k", tmp_path, ["data_root=/data/v"])
+    assert len(cells) == 11 * 19
+    for (recipe, task), r in cells.items():
+        assert r["data"]["augment"] == "resize" and r["data"]["protocol"] == "final"
+        assert r["data"]["source"] == f"vtab1k:/data/v/{task}"
+        assert r["train"]["lr_scaling"] == "none"
+        expected_lr = {"mlae": 5e-4, "lora_r8": 5e-4, "full": 1e-4}.get(recipe, 5e-3)
+        assert r["train"]["base_lr"] == expected_lr, (recipe, task)
+        if recipe in ("adaptformer", "mosa_hier", "mosa_flat", "sparse_adapter"):
+            assert r["surgery"][0]["adapter"]["bottleneck"] == 16
+    mlae = cells[("mlae", "cifar")]["surgery"][0]["mlae"]  # MLAE Table 10
+    assert (mlae["masking"]["p"], mlae["coefficient_init"]) == (0.7, 2.0)
+    mlae = cells[("mlae", "smallnorb_ele")]["surgery"][0]["mlae"]
+    assert (mlae["masking"]["p"], mlae["coefficient_init"]) == (0.0, 0.25)
+
+
+def test_fgvc_suite_carries_the_published_per_dataset_settings(tmp_path):
+    cells = _resolved("fgvc", tmp_path, ["data_root=/data/fgvc"])
+    lrs = {"CUB_200_2011": 1e-3, "nabirds": 5e-4, "OxfordFlowers": 5e-3, "StanfordDogs": 5e-4, "StanfordCars": 5e-3}
+    for dataset, lr in lrs.items():
+        for recipe in ("adaptformer", "mosa_hier", "lora", "sparse_adapter"):
+            r = cells[(recipe, dataset)]
+            assert r["train"]["base_lr"] == lr and r["data"]["source"] == f"fgvc:/data/fgvc/{dataset}"
+            assert r["data"]["augment"] == "resize_crop_flip" and r["train"]["batch_size"] == 128
+        mlae = cells[("mlae", dataset)]
+        assert (mlae["train"]["base_lr"], mlae["train"]["epochs"], mlae["data"]["augment"]) == (5e-4, 300, "rrc_flip")
+    cars = cells[("mosa_hier", "StanfordCars")]
+    assert (cars["surgery"][0]["experts"]["count"], cars["surgery"][0]["experts"]["sparse"]) == (2, ["down"])
+    assert cars["regularizers"]["feature_alignment"] == {"weight": 0.01, "blocks": "0:6"}
+    assert cells[("mosa_hier", "CUB_200_2011")]["surgery"][0]["experts"]["count"] == 4
+
+
 def test_bad_suite_is_a_user_error(write):
     with pytest.raises(UserError, match="recipes"):
         load_suite(write("s.yaml", "name: s\ndatasets: [builtin:digits]\n"))
