@@ -41,7 +41,6 @@ with other jobs, two OpenMP threads make every op wait for a descheduled sibling
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -188,7 +187,7 @@ def load_bench_recipe(args, recipe: str, edit: Callable[[dict], None] | None = N
                                              "model.num_classes": NUM_CLASSES})
     if edit is None:
         return r
-    data = copy.deepcopy(r.data)
+    data = r.to_dict()
     data.pop("extends", None)
     edit(data)
     return surgeon.load_recipe(data)
@@ -274,7 +273,7 @@ def ce_objective(model, x, y):
 def surgeon_objective(model, recipe):
     from surgeon.train.regularizers import Objective
 
-    objective = Objective(model, recipe["regularizers"])
+    objective = Objective(model, recipe.regularizers)
     return lambda m, x, y: objective(m, x, y)["loss"]
 
 
