@@ -222,7 +222,7 @@ def test_run_on_the_named_backbone_merges_to_a_plain_timm_folder(tmp_path, cli):
     import surgeon
     from surgeon.merge_run import fixed_batch
 
-    from ._train_helpers import write_imagefolder, write_recipe
+    from .helpers import write_imagefolder, write_recipe
     from .test_run import PLAIN_TIMM_CHECK
 
     data = write_imagefolder(tmp_path / "img", per_split={"train": 4, "val": 2, "test": 2})

@@ -16,8 +16,8 @@ import yaml
 
 from surgeon.errors import UserError
 from surgeon.sweep import space
-from tests._train_helpers import read_events
-from tests.conftest import ROOT
+from tests.helpers import read_events
+from tests.helpers import ROOT
 
 optuna = pytest.importorskip("optuna")
 
@@ -232,7 +232,7 @@ def test_prune_stops_a_trial_and_records_why(tmp_path, monkeypatch):
 
 
 def test_trainer_hook_reports_each_validation_and_can_stop(tmp_path):
-    from surgeon.train.apply import apply_recipe
+    from surgeon.apply import apply_recipe
     from surgeon.train.trainer import TrainingStopped
 
     seen = []
