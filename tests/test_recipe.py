@@ -82,7 +82,7 @@ def test_every_method_is_in_the_schema_and_its_config_matches_its_fragment():
     schema = recipe_schema()
     rule = schema["$defs"]["rule"]
     keys = list(method_specs())
-    assert {"adapter", "lora", "mlae", "unfreeze"} <= set(keys)
+    assert {"adapter", "dora", "lora", "mlae", "unfreeze"} <= set(keys)
     assert [o["required"] for o in rule["oneOf"]] == [[k] for k in keys]
     for key, spec in method_specs().items():
         assert key in rule["properties"]

@@ -169,6 +169,8 @@ CASES = {
                  low_rank_rules(key)) for key in ("lora", "mosl", "sparse_lora")},
     "lora_k": Case("lora", "lora", lambda f: pair_params([(4, c, c, None, None, False) for c in f.attn]), ("vit",),
                    lambda f: [lr(QKV, slices=["k"])]),
+    "dora": Case("dora", "dora", lambda f: pair_params(low_rank_pairs(f, "dora", magnitude=True)),
+                 LOW_RANK_FAMILIES, low_rank_rules("dora")),
     "mlae": Case("mlae", "mlae", lambda f: mlae_params(f, [3] * _n_blocks(f), expert_rank=2), LOW_RANK_FAMILIES,
                  mlae_rules({"strategy": "stochastic", "p": 0.5}, rank=6, expert_rank=2)),
     "mlae_fixed": Case("mlae", "mlae", lambda f: mlae_params(f, pattern_counts("incremental", _n_blocks(f), 4)),
