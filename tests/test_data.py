@@ -214,9 +214,8 @@ def test_builtin_module_absent_is_a_user_error(monkeypatch, model):
                   "built-in data sets are not available")
 
 
-def test_builtin_real_digits(monkeypatch, tmp_path, model):
+def test_builtin_real_digits(model):
     pytest.importorskip("surgeon.builtin.datasets")
-    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path))  # keep the generator cache in tmp
     s = build_splits(cfg("builtin:digits", protocol="tune", augment="resize"), model, seed=0)
     assert s.num_classes == 10 and (len(s.train), len(s.val), s.test) == (800, 200, None)
     x, y = s.train[0]

@@ -20,6 +20,8 @@ from surgeon.runload import load_run_recipe
 
 from .helpers import read_events, write_imagefolder, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains through `surgeon apply`
+
 START_KEYS = {"time", "recipe", "model", "data", "num_classes", "plan", "device", "seed", "provenance"}
 TRAIN_KEYS = {"step", "epoch", "loss", "ce", "consistency", "alignment", "lr", "img_per_s", "time"}
 EVAL_KEYS = {"split", "step", "epoch", "top1", "loss", "inference"}

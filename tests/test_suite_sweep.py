@@ -70,6 +70,7 @@ def test_suite_sweep_grid_problems_stop_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_suite_with_sweep_tunes_then_trains_seed_cells(tmp_path):
     from surgeon.suite_runner import run_suite
 

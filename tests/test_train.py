@@ -162,6 +162,7 @@ class _Killed(BaseException):
     """Stands in for SIGKILL in-process: nothing catches a BaseException subclass."""
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_not(tmp_path, data):
     recipe = write_recipe(tmp_path / "r.yaml", data, train=RESUME_TRAIN, regularizers=RESUME_REG,
                           data={"augment": "rrc_flip"})
@@ -173,6 +174,7 @@ def test_same_seed_same_numbers_other_seed_not(tmp_path, data):
     assert _losses(c) != _losses(a)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, data, monkeypatch):
     """Interrupt right after the mid-epoch checkpoint at step 8 (epoch 2, batch 2), resume, and
     end with the same tensors, losses and evaluations as an uninterrupted run."""
@@ -209,6 +211,7 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, data, monkeypatch):
     assert [s["resumed_from_step"] for s in starts] == [None, 8]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe(tmp_path, data, cli):
     recipe = write_recipe(tmp_path / "r.yaml", data, train={"max_steps": 2, "merge": False})
     run = _run(recipe, tmp_path / "run")
@@ -287,6 +290,7 @@ def _poison(monkeypatch, bad_steps):
     monkeypatch.setattr(Objective, "__call__", call)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_reported(tmp_path, data, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", data, train={"epochs": 1, "batch_size": 4, "merge": False},
                           surgery=[])
@@ -300,6 +304,7 @@ def test_nonfinite_steps_are_skipped_counted_and_reported(tmp_path, data, monkey
     assert all(math.isfinite(v) for v in _tensors(run)["head.weight"].flatten().tolist())
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_with_checkpoint_intact(tmp_path, data, monkeypatch, cli):
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[],
                           train={"epochs": 2, "batch_size": 4, "checkpoint_every": 4, "max_bad_steps": 3})
@@ -316,6 +321,7 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint_intact(tmp_path, data, mo
     assert (last["event"], last["step"]) == ("stopped", 9)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(tmp_path, data):
     base = {"max_steps": 1, "batch_size": 6, "merge": False, "warmup_steps": 0}
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[{"target": "blocks.*.attn.proj", "unfreeze": "bias"}],
@@ -327,6 +333,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, data):
         recipe, tmp_path / "other", overrides=["train.batch_size=3"]))["head.weight"])
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains(tmp_path, data):
     recipe = write_recipe(tmp_path / "r.yaml", data, train={"max_steps": 3, "precision": "bf16", "merge": False})
     run = _run(recipe, tmp_path / "run")
@@ -335,6 +342,7 @@ def test_bf16_autocast_trains(tmp_path, data):
     assert all(v.dtype == torch.float32 for v in _tensors(run).values() if v.is_floating_point())  # fp32 masters
 
 
+@pytest.mark.slow
 def test_recipe_without_val_improvement_keeps_latest_best(tmp_path, data):
     """Ties on val top-1 select the later step (documented rule)."""
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[], train={"epochs": 2, "batch_size": 4, "base_lr": 1e-9,
