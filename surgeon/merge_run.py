@@ -2,9 +2,9 @@
 
 Two artefacts, chosen by what the merge leaves behind:
 
-- **timm folder** — when every surgery folds into existing weights (LoRA, MoSL, SparseLoRA,
-  MLAE, BitFit, full, linear) the merged model's state dict has exactly the keys of a fresh
-  ``timm.create_model(name, **kwargs)``. It is written with
+- **timm folder** — when every surgery folds into existing weights (the low-rank methods: LoRA,
+  MoSL, SparseLoRA, DoRA, MLAE; BitFit, full, linear) the merged model's state dict has exactly
+  the keys of a fresh ``timm.create_model(name, **kwargs)``. It is written with
   ``timm.models.save_for_hf(model, dir, safe_serialization=True)``; ``config.json`` records the
   model args (img_size, patch_size, depth, num_classes, ...), the class names and the data
   config, so ``timm.create_model('local-dir:RUN/merged', pretrained=True)`` rebuilds it without
