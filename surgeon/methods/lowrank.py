@@ -194,7 +194,7 @@ class FixedScale(Weighting):
         return self.scaling
 
     def describe(self, layer) -> str:
-        text = f"rank {self.rank}, alpha {self.alpha:g}" + ("" if layer.groups == WHOLE else f", {layer.groups}")
+        text = f"rank {self.rank}, alpha {self.alpha:g}" + ("" if layer.adapted == WHOLE else f", {layer.adapted}")
         for role, mats in (("A", layer.down), ("B", layer.up)):
             detail = next(iter(mats.values())).describe()
             if detail:
@@ -247,7 +247,7 @@ class LearnedCoefficients(Weighting):
     def describe(self, layer) -> str:
         text = f"{self.num_experts} experts" + (f" x rank {self.expert_rank}" if self.expert_rank > 1 else "")
         text += f", p {self.p:g}" if self.p else ""
-        return text + ("" if layer.groups == WHOLE else f", {layer.groups}")
+        return text + ("" if layer.adapted == WHOLE else f", {layer.adapted}")
 
 
 class MaskedCoefficients(LearnedCoefficients):
@@ -355,7 +355,7 @@ class LowRankLayer(SurgeryLayer):
             decomposition.attach(self)
 
     @property
-    def groups(self) -> str:
+    def adapted(self) -> str:
         """The adapted groups as text: ``all`` or e.g. ``q+v``."""
         return "+".join(name for name, _, _ in self.parts)
 
@@ -391,13 +391,10 @@ class LowRankLayer(SurgeryLayer):
         down, up = self.merged_factors(mode)
         return (up @ down).reshape(self.base_layer.weight.shape)
 
-    def merged_weight(self, mode: str = "average") -> torch.Tensor:
-        """fp32 effective weight of the trained layer (what :meth:`merge` writes), on the base's device."""
-        weight = self.base_layer.weight
-        delta = self.delta_weight(mode).to(weight.device)
-        if self.decomposition is None:
-            return weight.float() + delta
-        return self.decomposition.combine(self, weight.float(), delta)
+    def combine(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The effective weight from a base ``weight`` and ``delta`` shaped like it: ``W + ΔW``, or
+        what the decomposition strategy makes of them."""
+        return weight + delta if self.decomposition is None else self.decomposition.combine(self, weight, delta)
 
     # ------------------------------------------------------------------ the two paths
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -455,10 +452,7 @@ class LowRankLayer(SurgeryLayer):
                 f"of a batch",
                 hint="set regularizers.consistency.batched: false (two separate passes)")
         base = self.base_layer.weight
-        delta = (up @ down).reshape(base.shape).to(base.dtype)
-        if self.decomposition is not None:
-            return self.decomposition.combine(self, base, delta)
-        return base + delta
+        return self.combine(base, (up @ down).reshape(base.shape).to(base.dtype))
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -499,8 +493,7 @@ class LowRankLayer(SurgeryLayer):
         weight = self.base_layer.weight
         with torch.no_grad():
             delta = self.delta_weight(mode).to(weight.device)
-            merged = (weight.float() + delta if self.decomposition is None
-                      else self.decomposition.combine(self, weight.float(), delta)).to(weight.dtype)
+            merged = self.combine(weight.float(), delta).to(weight.dtype)
             if not (torch.isfinite(delta).all() and torch.isfinite(merged).all()):
                 raise UserError(
                     f"cannot merge {self.method_name} into {self.target_name or 'a module'}: its update has "
