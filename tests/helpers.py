@@ -54,3 +54,16 @@ def write_recipe(path: Path, data_root: Path | str, *, surgery: list | None = No
 
 def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+#: Run in a fresh interpreter: load RUN/merged with plain timm (argv[1]), compare with saved
+#: (input, expected logits) (argv[2]), and prove surgeon was never imported.
+PLAIN_TIMM_CHECK = r"""
+import sys, torch, timm
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+x, expected = torch.load(sys.argv[2])
+with torch.no_grad():
+    diff = (model(x) - expected).abs().max().item()
+assert not any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules), "surgeon was imported"
+print(diff, model.num_classes, len(model.blocks))
+"""

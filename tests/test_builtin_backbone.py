@@ -222,8 +222,7 @@ def test_run_on_the_named_backbone_merges_to_a_plain_timm_folder(tmp_path, cli):
     import surgeon
     from surgeon.merge_run import fixed_batch
 
-    from .helpers import write_imagefolder, write_recipe
-    from .test_run import PLAIN_TIMM_CHECK
+    from .helpers import PLAIN_TIMM_CHECK, write_imagefolder, write_recipe
 
     data = write_imagefolder(tmp_path / "img", per_split={"train": 4, "val": 2, "test": 2})
     recipe = write_recipe(tmp_path / "r.yaml", data, model={"name": "fractal_vit_tiny", "pretrained": True, "kwargs": {}},

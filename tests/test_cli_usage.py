@@ -268,7 +268,7 @@ def test_set_glob_hint_names_the_quoting(cli):
 # ------------------------------------------------------------------ report on a suite folder (item 7)
 
 def test_report_accepts_a_suite_folder(cli, tmp_path):
-    from .test_report import make_run
+    from .fake_runs import make_run
 
     root = tmp_path / "suites" / "grid"
     runs = [make_run(root / recipe / "digits", name=recipe, seed=seed, steps=20)

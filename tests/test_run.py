@@ -18,7 +18,7 @@ from surgeon.merge_run import fixed_batch
 from surgeon.model import rebuild_backbone
 from surgeon.runload import load_run_recipe
 
-from .helpers import read_events, write_imagefolder, write_recipe
+from .helpers import PLAIN_TIMM_CHECK, read_events, write_imagefolder, write_recipe
 
 pytestmark = pytest.mark.slow  # every test here trains through `surgeon apply`
 
@@ -113,17 +113,6 @@ def test_load_run_merged_equals_unmerged(mosa_run):
     x = fixed_batch(merged, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), unmerged(x), atol=1e-5, rtol=0)
-
-
-PLAIN_TIMM_CHECK = r"""
-import sys, torch, timm
-model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
-x, expected = torch.load(sys.argv[2])
-with torch.no_grad():
-    diff = (model(x) - expected).abs().max().item()
-assert not any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules), "surgeon was imported"
-print(diff, model.num_classes, len(model.blocks))
-"""
 
 
 @pytest.mark.parametrize("surgery", [
