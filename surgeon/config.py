@@ -16,20 +16,39 @@ Conventions of the dataclasses built here:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
 import typing
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 
+class FrozenDict(dict):
+    """A dict that refuses changes; it still pickles, deep-copies and serialises to JSON like a
+    dict (a recipe travels with a loaded model, ``model.surgeon_recipe``)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a recipe's mappings are read-only: build a new recipe (Recipe.with_values)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __deepcopy__(self, memo):
+        return FrozenDict(copy.deepcopy(dict(self), memo))
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({dict.__repr__(self)})"
+
+
 def freeze(value: Any) -> Any:
-    """Lists → tuples, dicts → read-only mappings, recursively; other values as they are."""
+    """Lists → tuples, dicts → read-only :class:`FrozenDict`, recursively; other values as they are."""
     if isinstance(value, (list, tuple)):
         return tuple(freeze(v) for v in value)
     if isinstance(value, Mapping):
-        return types.MappingProxyType({k: freeze(v) for k, v in value.items()})
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
     return value
 
 

@@ -1,8 +1,10 @@
 """Recipe language: reading, extends, overrides, schema errors at their YAML lines."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 
 import pytest
 
@@ -222,6 +224,9 @@ def test_recipe_is_frozen_and_resolution_returns_a_new_one(write):
         r.train.epochs = 3
     with pytest.raises(TypeError):
         r.model.kwargs["depth"] = 1  # read-only mapping
+    # ... that still travels: a loaded model holds its recipe (deepcopy, pickle, JSON)
+    assert copy.deepcopy(r) == r == pickle.loads(pickle.dumps(r))
+    assert json.loads(json.dumps(r.model.kwargs)) == {"img_size": 32, "patch_size": 8, "depth": 2}
     resolved = r.with_values({("model", "num_classes"): 7})
     assert resolved.model.num_classes == 7 and r.model.num_classes is None
     assert "num_classes" not in r.to_dict()["model"] and resolved.to_dict()["model"]["num_classes"] == 7

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from surgeon.config import build, freeze, plain
+from surgeon.config import FrozenDict, build, freeze, plain
 from surgeon.errors import RecipeError
 from surgeon.methods.registry import Rule, parse_rule
 
@@ -59,7 +58,7 @@ class Recipe:
                    surgery=tuple(parse_rule(rule) for rule in data["surgery"]),
                    regularizers=build(RegularizersConfig, data["regularizers"]),
                    train=build(TrainConfig, data["train"]), eval=build(EvalConfig, data["eval"]),
-                   source=source, origin=types.MappingProxyType(dict(origin or {})), _mapping=freeze(data))
+                   source=source, origin=FrozenDict(origin or {}), _mapping=freeze(data))
 
     def where(self, path) -> str:
         """Location of ``path`` (or of its closest ancestor that has one), e.g. ``x.yaml:12:5``."""
