@@ -41,7 +41,6 @@ with other jobs, two OpenMP threads make every op wait for a descheduled sibling
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -188,7 +187,7 @@ def load_bench_recipe(args, recipe: str, edit: Callable[[dict], None] | None = N
                                              "model.num_classes": NUM_CLASSES})
     if edit is None:
         return r
-    data = copy.deepcopy(r.data)
+    data = r.to_dict()
     data.pop("extends", None)
     edit(data)
     return surgeon.load_recipe(data)
@@ -274,7 +273,7 @@ def ce_objective(model, x, y):
 def surgeon_objective(model, recipe):
     from surgeon.train.regularizers import Objective
 
-    objective = Objective(model, recipe["regularizers"])
+    objective = Objective(model, recipe.regularizers)
     return lambda m, x, y: objective(m, x, y)["loss"]
 
 
@@ -453,20 +452,35 @@ def first_adapted_module(model: nn.Module) -> str | None:
 def layer_call(case: Case, name: str, x: torch.Tensor) -> Callable[[], None]:
     """forward + backward of module ``name`` of the case's model on its real input (captured once)."""
     module = case.model.get_submodule(name)
+    # An adapter with input_from reads the input of a sibling (the block's norm2), which a lone call
+    # of the module does not run: capture that input too and hand it over before every call.
+    sibling = module.__dict__.get("_input_module")
     captured = {}
 
-    def grab(mod, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["x"]
-    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab(key):
+        def hook(mod, args, kwargs):
+            captured[key] = args[0] if args else kwargs["x"]
+        return hook
+    handles = [module.register_forward_pre_hook(grab("x"), with_kwargs=True)]
+    if sibling is not None:
+        handles.append(sibling.register_forward_pre_hook(grab("sibling"), with_kwargs=True))
     with torch.no_grad():
         case.model(x)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     xl = captured["x"].detach().clone().requires_grad_(True)
+    xs = captured["sibling"].detach() if sibling is not None else None
+
+    def feed() -> None:
+        if sibling is not None:
+            sibling.__dict__["_surgeon_input"] = xs
     params = [p for p in module.parameters() if p.requires_grad]
     with torch.no_grad():
+        feed()
         g = torch.randn_like(module(xl))
 
     def call() -> None:
+        feed()
         module(xl).backward(g)
         xl.grad = None
         for p in params:

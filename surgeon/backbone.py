@@ -24,16 +24,20 @@ import torch
 import torch.nn as nn
 
 import surgeon.builtin.models  # noqa: F401 - registers the built-in backbones (fractal_vit_tiny) with timm
+from surgeon.config import plain
 from surgeon.errors import UserError
+from surgeon.recipe.sections import DropoutConfig, ModelConfig
+from surgeon.weights import pretrained_kwargs
 
 
-def create_backbone(model_cfg: dict, *, num_classes: int | None = None, weights: bool = True,
+def create_backbone(model_cfg: ModelConfig, *, num_classes: int | None = None, weights: bool = True,
                     device: str | torch.device | None = None) -> nn.Module:
     """``timm.create_model`` for a recipe's ``model`` section.
 
     Args:
-        model_cfg: the recipe's ``model`` mapping (name, pretrained, num_classes, kwargs).
-        num_classes: classes of the new head; default ``model_cfg['num_classes']`` or timm's default.
+        model_cfg: the recipe's typed ``model`` section (``surgeon.recipe.section("model", {...})``
+            builds one from a partial mapping).
+        num_classes: classes of the new head; default ``model_cfg.num_classes`` or timm's default.
         weights: load the pretrained weights the recipe asks for; False gives random init
             (what ``plan``/``validate`` use: they never download).
         device: ``"meta"`` builds shapes only (fast, no memory) for planning.
@@ -44,16 +48,15 @@ def create_backbone(model_cfg: dict, *, num_classes: int | None = None, weights:
     name, notice = resolve_model_name(model_cfg)
     if not timm.is_model(name):
         raise UserError(f"unknown timm model '{name}'", hint="see timm.list_models()")
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    dropout = model_cfg.get("dropout") or {}
-    if dropout.get("path") is not None:
-        kwargs["drop_path_rate"] = float(dropout["path"])
-    classes = num_classes or model_cfg.get("num_classes")
+    kwargs = plain(model_cfg.kwargs)  # timm gets builtin lists and dicts, as written in the recipe
+    dropout = model_cfg.dropout
+    if dropout.path is not None:
+        kwargs["drop_path_rate"] = float(dropout.path)
+    classes = num_classes or model_cfg.num_classes
     if classes:
         kwargs["num_classes"] = classes
-    pretrained = model_cfg.get("pretrained", False) if weights else False
+    pretrained = model_cfg.pretrained if weights else False
     if pretrained is not False:
-        from surgeon.weights import pretrained_kwargs  # only needed when weights are loaded
         kwargs.update(pretrained_kwargs(name, pretrained))
         if notice and pretrained is True:
             warnings.warn(notice, stacklevel=2)
@@ -76,7 +79,7 @@ def create_backbone(model_cfg: dict, *, num_classes: int | None = None, weights:
                         hint="check model.kwargs (e.g. img_size must be divisible by patch_size)") from None
 
 
-def resolve_model_name(model_cfg: dict) -> tuple[str, str | None]:
+def resolve_model_name(model_cfg: ModelConfig) -> tuple[str, str | None]:
     """The timm name a recipe's ``model`` section creates, with its pretrained tag.
 
     Returns:
@@ -84,8 +87,8 @@ def resolve_model_name(model_cfg: dict) -> tuple[str, str | None]:
         one-line message when the recipe prefers tags the architecture does not have (the
         name is then the bare architecture: timm's default tag).
     """
-    name = model_cfg["name"]
-    tags = model_cfg.get("tag") or []
+    name = model_cfg.name
+    tags = model_cfg.tag or []
     tags = [tags] if isinstance(tags, str) else list(tags)
     if "." in name or not tags or not timm.is_model(name):
         return name, None
@@ -109,13 +112,13 @@ DROPOUT_ROLES = {
 }
 
 
-def set_dropout(model: nn.Module, rates: dict) -> None:
+def set_dropout(model: nn.Module, rates: DropoutConfig) -> None:
     """Set the rate of the backbone's dropout modules by role (``model.dropout``; None = leave).
 
     Warns (one line) for a role the architecture has no dropout module for.
     """
     for role, matches in DROPOUT_ROLES.items():
-        rate = rates.get(role)
+        rate = getattr(rates, role)
         if rate is None:
             continue
         modules = [m for n, m in model.named_modules() if isinstance(m, nn.Dropout) and matches(n)]

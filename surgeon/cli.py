@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from surgeon.errors import REPORT_REQUEST, RecipeError, UserError
+from surgeon.methods.modes import INFERENCE_MODES, MERGE_MODES
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative parameter-efficient surgery for timm backbones.")
@@ -58,16 +59,16 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files (or bui
 
     `surgeon show` prints a recipe as resolved (defaults, extends, overrides) without these model checks.
     """
-    import surgeon
-
     bad = 0
     for path in recipes:
         try:
             recipe = _load(path, model, set_)
             if not schema_only:
+                from surgeon.model import build_model  # torch + timm: only past the schema
+
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    surgeon.build_model(recipe, weights=False, device="meta")
+                    build_model(recipe, weights=False, device="meta")
         except UserError as exc:
             bad += 1
             err.print(f"[red]✗[/] {path}", highlight=False)
@@ -110,8 +111,8 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
 
     Modules patched alike (e.g. blocks.{0..11}.mlp) are one row with their count.
     """
-    import surgeon
-    from surgeon.surgery.table import print_plan
+    from surgeon.model import build_model
+    from surgeon.report.plan import print_plan
 
     try:
         r = _load(recipe, model, set_, data)
@@ -119,8 +120,8 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
         if data is not None:
             from surgeon.data.sources import source_classes
 
-            names = source_classes(r["data"], seed=r["data"]["seed"])
-            given = r["model"].get("num_classes")
+            names = source_classes(r.data, seed=r.data.seed)
+            given = r.model.num_classes
             if given is not None and given != len(names):
                 raise UserError(f"model.num_classes is {given} but the data has {len(names)} classes",
                                 where=r.where(("model", "num_classes")),
@@ -128,7 +129,7 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
             num_classes = len(names)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = surgeon.build_model(r, weights=False, device="meta", num_classes=num_classes)
+            m = build_model(r, weights=False, device="meta", num_classes=num_classes)
     except UserError as exc:
         if not as_json:
             raise
@@ -138,11 +139,11 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
     p = m.surgeon_plan
     from surgeon.backbone import resolve_model_name
 
-    resolved = resolve_model_name(r["model"])[0]
+    resolved = resolve_model_name(r.model)[0]
     if as_json:
         from surgeon.train.schedule import peak_lr
 
-        payload = {"recipe": r.name, "model": resolved, "peak_lr": peak_lr(r["train"]),
+        payload = {"recipe": r.name, "model": resolved, "peak_lr": peak_lr(r.train),
                    "num_classes": getattr(m, "num_classes", None),
                    **p.to_dict()}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
@@ -196,7 +197,7 @@ def show(target: str = typer.Argument(..., metavar="RECIPE|SUITE",
     suite_path = _suite_file(target)
     if suite_path is None:
         recipe = load_recipe(target, set_ or [], model=model, data=data, check_model=False)
-        sys.stdout.write(json.dumps(recipe.data, indent=2) + "\n" if as_json else recipe.to_yaml())
+        sys.stdout.write(json.dumps(recipe.to_dict(), indent=2) + "\n" if as_json else recipe.to_yaml())
         return
     from surgeon.suite import load_suite, suite_cells
 
@@ -215,7 +216,7 @@ def show(target: str = typer.Argument(..., metavar="RECIPE|SUITE",
             err.print(f"suite {suite['name']}, cell {name}:", markup=False)
             raise
     if as_json:
-        sys.stdout.write(json.dumps([{"cell": n, "recipe": r.data} for n, r in resolved], indent=2) + "\n")
+        sys.stdout.write(json.dumps([{"cell": n, "recipe": r.to_dict()} for n, r in resolved], indent=2) + "\n")
         return
     for name, recipe in resolved:
         sys.stdout.write(f"--- # cell {name} (suite {suite['name']})\n{recipe.to_yaml()}")
@@ -228,7 +229,7 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
           out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<model>-<data>-<time>)."),
           resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory.")):
     """Train: surgery + training + merge + report. Prints the run directory last."""
-    from surgeon.train.apply import apply_recipe
+    from surgeon.apply import apply_recipe
 
     run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume, console=err)
     out.print(str(run_dir), markup=False)
@@ -236,7 +237,8 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
 
 @app.command("merge")
 def merge_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
-              mode: Optional[str] = typer.Option(None, "--mode", help="average | jigsaw (default: the recipe's eval.merge_mode).")):
+              mode: Optional[str] = typer.Option(None, "--mode", help=f"{' | '.join(MERGE_MODES)} (default: the recipe's "
+                                                                      "eval.merge_mode).")):
     """Merge a run into RUN/merged/ and record the merged-vs-unmerged output difference."""
     from surgeon.merge_run import merge_run
 
@@ -248,7 +250,7 @@ def merge_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
 @app.command("eval")
 def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluate on this data source instead."),
-             inference: Optional[str] = typer.Option(None, "--inference", help="merge | stochastic | fixed | ensemble."),
+             inference: Optional[str] = typer.Option(None, "--inference", help=f"{' | '.join(INFERENCE_MODES)}."),
              split: Optional[str] = typer.Option(None, "--split", help="test | val | train (default test, else val)."),
              per_class: bool = typer.Option(False, "--per-class", help="Also print top-1 per class."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
@@ -336,7 +338,7 @@ def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in 
     """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report.
     With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`)."""
     from surgeon.resources import builtin_suite
-    from surgeon.suite import run_suite
+    from surgeon.suite_runner import run_suite
 
     md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only,
                    workers=workers)

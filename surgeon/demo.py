@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from surgeon.resources import builtin_suite
+from surgeon.suite import load_suite, suite_cells
+from surgeon.suite_runner import run_suite
 
 
 def run_demo(*, out: str | Path = "runs/demo", quick: bool = False, console: Console | None = None,
@@ -27,8 +29,6 @@ def run_demo(*, out: str | Path = "runs/demo", quick: bool = False, console: Con
         one dict per run: recipe, data, test_top1 (percent), best_val_top1, extra_params_m,
         train_seconds, report (path).
     """
-    from surgeon.suite import load_suite, run_suite, suite_cells
-
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     summary_console = summary_console or Console(highlight=False, soft_wrap=True)
     path = builtin_suite("demo")

@@ -2,9 +2,9 @@
 
 Two artefacts, chosen by what the merge leaves behind:
 
-- **timm folder** — when every surgery folds into existing weights (LoRA, MoSL, SparseLoRA,
-  MLAE, BitFit, full, linear) the merged model's state dict has exactly the keys of a fresh
-  ``timm.create_model(name, **kwargs)``. It is written with
+- **timm folder** — when every surgery folds into existing weights (the low-rank methods: LoRA,
+  MoSL, SparseLoRA, DoRA, MLAE; BitFit, full, linear) the merged model's state dict has exactly
+  the keys of a fresh ``timm.create_model(name, **kwargs)``. It is written with
   ``timm.models.save_for_hf(model, dir, safe_serialization=True)``; ``config.json`` records the
   model args (img_size, patch_size, depth, num_classes, ...), the class names and the data
   config, so ``timm.create_model('local-dir:RUN/merged', pretrained=True)`` rebuilds it without
@@ -27,17 +27,27 @@ import shutil
 import warnings
 from pathlib import Path
 
+import timm
+import timm.data
+import timm.models
 import torch
 import torch.nn as nn
 
+from surgeon.builtin import BUILTIN_BACKBONES
+from surgeon.config import plain
+from surgeon.data.transforms import resolve_data_config
 from surgeon.errors import UserError
-from surgeon.run import MetricsLog, RunPaths, load_run, load_run_recipe, read_json, write_json
+from surgeon.io import read_json, save_tensors, write_json
+from surgeon.methods.experts import evaluation
+from surgeon.methods.modes import MERGE_MODES
+from surgeon.recipe.sections import ModelConfig
+from surgeon.rundir import MetricsLog, RunPaths
+from surgeon.runload import load_run, load_run_recipe
+from surgeon.surgery import merge, surgery_layers
 
 
 def fixed_batch(model: nn.Module, n: int = 8, seed: int = 0) -> torch.Tensor:
     """``[n, C, H, W]`` standard-normal images of the model's input size (seeded, CPU generator)."""
-    import timm.data
-
     size = timm.data.resolve_input_data_config(model)["input_size"]
     g = torch.Generator().manual_seed(seed)
     param = next(model.parameters())
@@ -47,33 +57,27 @@ def fixed_batch(model: nn.Module, n: int = 8, seed: int = 0) -> torch.Tensor:
 def is_plain_timm(model: nn.Module, recipe) -> bool:
     """True if ``model`` has exactly the state-dict keys and shapes of the timm model the recipe
     names (so a timm folder can hold it)."""
-    import timm
-
-    from surgeon.surgery.driver import surgery_layers
-
     if surgery_layers(model):
         return False
     if any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules()):
         return False
-    kwargs = dict(recipe["model"].get("kwargs") or {})
+    kwargs = plain(recipe.model.kwargs)
     kwargs["num_classes"] = model.num_classes
     with torch.device("meta"):
-        fresh = timm.create_model(recipe["model"]["name"], **kwargs)
+        fresh = timm.create_model(recipe.model.name, **kwargs)
     ours = {k: v.shape for k, v in model.state_dict().items()}
     theirs = {k: v.shape for k, v in fresh.state_dict().items()}
     return ours == theirs
 
 
-def _plain_timm_identity(model_cfg: dict) -> dict:
+def _plain_timm_identity(model_cfg: ModelConfig) -> dict:
     """``save_for_hf`` model_config entries that make a folder of a surgeon built-in backbone
     (``model.name: fractal_vit_tiny``) name the timm architecture it is made of, with its
     arguments, so plain timm loads RUN/merged without importing surgeon. Empty for timm names."""
-    from surgeon.builtin import BUILTIN_BACKBONES
-
-    spec = BUILTIN_BACKBONES.get(model_cfg["name"])
+    spec = BUILTIN_BACKBONES.get(model_cfg.name)
     if spec is None:
         return {}
-    args = {**spec["kwargs"], **(model_cfg.get("kwargs") or {})}  # the recipe's kwargs win, as at build time
+    args = {**spec["kwargs"], **plain(model_cfg.kwargs)}  # the recipe's kwargs win, as at build time
     return {"pretrained_cfg": {"architecture": spec["model_name"]}, "model_args": args}
 
 
@@ -103,36 +107,29 @@ def merge_run(run_dir, *, mode: str | None = None, model: nn.Module | None = Non
         ``{"mode", "format", "max_abs_diff", "max_rel_diff", "path"}`` (also logged as a
         ``merge`` event and stored in ``summary.json``).
     """
-    import surgeon
-    from surgeon.data.transforms import resolve_data_config
-    from surgeon.evaluate import inference
-    from surgeon.train.checkpoint import save_tensors
-
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
     recipe = load_run_recipe(run_dir)
-    mode = mode or recipe["eval"]["merge_mode"]
-    if mode not in ("average", "jigsaw"):
-        raise UserError(f"unknown merge mode '{mode}'", hint="use average or jigsaw")
+    mode = mode or recipe.eval.merge_mode
+    if mode not in MERGE_MODES:
+        raise UserError(f"unknown merge mode '{mode}'", hint=f"use {' or '.join(MERGE_MODES)}")
     if model is None:
         model = load_run(run_dir, merged=False, device=device)
     model.eval()
     x = fixed_batch(model)
-    with torch.no_grad(), inference(model, "merge", merge_mode=mode):
+    with torch.no_grad(), evaluation(model, "merge", merge_mode=mode):
         reference = model(x).float()
-    data_config = resolve_data_config(recipe["data"], model)
-    surgeon.merge(model, mode=mode)
+    data_config = resolve_data_config(recipe.data, model)
+    merge(model, mode=mode)
 
     tmp = paths.root / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if is_plain_timm(model, recipe):
-        import timm.models
-
         fmt = "timm"
         names = _class_names(paths)
         model_config = {"label_names": names} if names else {}
-        model_config.update(_plain_timm_identity(recipe["model"]))
+        model_config.update(_plain_timm_identity(recipe.model))
         timm.models.save_for_hf(model.cpu(), str(tmp), safe_serialization=True,
                                 model_config=model_config or None,
                                 data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
@@ -143,7 +140,7 @@ def merge_run(run_dir, *, mode: str | None = None, model: nn.Module | None = Non
                      metadata={"format": "surgeon-dense-adapter", "merge_mode": mode})
     shutil.copyfile(paths.recipe, tmp / "recipe.yaml")
     write_json(tmp / "surgeon.json", {"format": fmt, "merge_mode": mode, "recipe": recipe.name,
-                                      "model": recipe["model"]["name"]})
+                                      "model": recipe.model.name})
     # Swap the folder in: an interrupted merge leaves the old merge (or none), never half of one.
     old = paths.root / ".merged.old"
     shutil.rmtree(old, ignore_errors=True)

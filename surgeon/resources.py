@@ -6,8 +6,6 @@ are found the same way from a clone, an editable install or a wheel.
 """
 from __future__ import annotations
 
-import json
-from functools import lru_cache
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -24,13 +22,8 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def schema_path() -> Path:
+    """The published recipe JSON Schema (written by ``python -m surgeon.recipe.schema_gen``)."""
     return _PACKAGE / "_schemas" / "recipe.schema.json"
-
-
-@lru_cache(maxsize=1)
-def recipe_schema() -> dict:
-    """The recipe JSON Schema (draft 2020-12) as a dict."""
-    return json.loads(schema_path().read_text())
 
 
 def suites_dir() -> Path:

@@ -35,6 +35,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import timm.models
+import torch.hub
+from huggingface_hub import try_to_load_from_cache  # timm depends on huggingface_hub
+from safetensors import safe_open
+
+from surgeon.builtin import BUILTIN_BACKBONES, builtin_weights
 from surgeon.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt")
@@ -82,8 +88,6 @@ def pretrained_kwargs(name: str, pretrained) -> dict:
 # ----------------------------------------------------------------------------------- hub
 
 def _hub_kwargs(name: str) -> dict:
-    import timm.models
-
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         raise UserError(f"timm has no pretrained weights for '{name}'", where="model.pretrained",
@@ -113,20 +117,13 @@ def _hub_kwargs(name: str) -> dict:
 def _cached_hub_file(cfg) -> Path | None:
     """The weight file of ``cfg`` in the Hugging Face or torch-hub cache, if present."""
     if cfg.hf_hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            repo = cfg.hf_hub_id.split("@")[0]
-            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-            for filename in names:
-                found = try_to_load_from_cache(repo, filename)
-                if isinstance(found, str) and os.path.isfile(found):
-                    return Path(found)
+        repo = cfg.hf_hub_id.split("@")[0]
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
     if cfg.url:
-        import torch.hub
-
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
         if path.is_file():
             return path
@@ -157,11 +154,6 @@ def _reachable(host: str, port: int, timeout: float = HUB_PROBE_TIMEOUT_S) -> bo
 # ---------------------------------------------------------------------------- local files
 
 def _builtin_file(name: str, model_name: str) -> Path:
-    try:
-        from surgeon.builtin import BUILTIN_BACKBONES, builtin_weights
-    except ImportError:
-        raise UserError(f"built-in weights are not available in this installation (builtin:{name})",
-                        where="model.pretrained", hint=_OFFLINE_HINT) from None
     if name not in BUILTIN_BACKBONES:
         raise UserError(f"unknown built-in backbone weights '{name}'", where="model.pretrained",
                         hint="known: " + (", ".join(BUILTIN_BACKBONES) or "none"))
@@ -221,8 +213,6 @@ def check_readable(path: Path) -> None:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 if not list(f.keys()):
                     raise UserError("the safetensors file holds no tensors", where=str(path))

@@ -1,17 +1,23 @@
-"""Shared test helpers: run the CLI in-process and capture exit code and output."""
+"""Shared fixtures: run the CLI in-process and capture exit code and output; one torch thread and
+one built-in dataset cache for the whole session."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # Tiny models: intra-op threading costs more than it saves (3x and worse on shared 2-core machines).
 torch.set_num_threads(1)
 os.environ.setdefault("CI", "1")  # plain progress lines, no live bars, in test output
+
+# One built-in dataset cache for the whole run (each set is generated once, not per test, and the
+# user's ~/.cache/surgeon is left alone); tests of the cache itself set their own. Subprocesses
+# started by tests inherit it.
+_CACHE = tempfile.TemporaryDirectory(prefix="surgeon-test-cache-")
+os.environ["SURGEON_CACHE"] = _CACHE.name
 
 
 class CliResult:
@@ -55,7 +61,3 @@ def write(tmp_path):
         return path
 
     return _write
-
-
-TINY_VIT = {"name": "vit_tiny_patch16_224", "pretrained": False,
-            "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}

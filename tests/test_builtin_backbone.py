@@ -133,6 +133,7 @@ def test_card_describes_the_weights():
 # --- pretraining command ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pretrain_builtin_tiny_run_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
@@ -149,11 +150,9 @@ def test_pretrain_builtin_tiny_run_is_deterministic(tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_beats_random_init(tmp_path, monkeypatch):
+def test_transfer_beats_random_init():
     """Linear probe on digits: the shipped backbone's features beat a random ViT's."""
     from surgeon.builtin.pretrain import transfer_check
-
-    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path))  # keep the user's cache untouched
 
     r = transfer_check(builtin_weights("fractal_vit_tiny"), tasks=("digits",), seeds=(0, 1),
                        protocols=("linear",), train_split="train", eval_split="val", progress=False)
@@ -210,6 +209,7 @@ def test_model_option_sets_the_whole_backbone(cli):
     assert cli("validate", "lora", "--model", "fractal_vit_tiny").code == 0
 
 
+@pytest.mark.slow
 def test_run_on_the_named_backbone_merges_to_a_plain_timm_folder(tmp_path, cli):
     """A run with model.name fractal_vit_tiny: its merged folder names the timm architecture
     (vit_tiny_patch16_224 with the built-in's arguments), so plain timm loads it; apply prints
@@ -222,8 +222,7 @@ def test_run_on_the_named_backbone_merges_to_a_plain_timm_folder(tmp_path, cli):
     import surgeon
     from surgeon.merge_run import fixed_batch
 
-    from ._train_helpers import write_imagefolder, write_recipe
-    from .test_run import PLAIN_TIMM_CHECK
+    from .helpers import PLAIN_TIMM_CHECK, write_imagefolder, write_recipe
 
     data = write_imagefolder(tmp_path / "img", per_split={"train": 4, "val": 2, "test": 2})
     recipe = write_recipe(tmp_path / "r.yaml", data, model={"name": "fractal_vit_tiny", "pretrained": True, "kwargs": {}},

@@ -14,12 +14,19 @@ PROCEDURAL = [n for n in NAMES if n != "digits"]
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Each test gets an empty disk cache and an empty in-process memo."""
-    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+def _empty_memo():
+    """Each test starts with an empty in-process memo: a split comes from the session's disk cache
+    (tests/conftest.py) or is generated."""
     ds._cached_split.cache_clear()
     yield
     ds._cached_split.cache_clear()
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """An empty disk cache of the test's own (for tests that inspect or damage cache files)."""
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def test_registry_names_the_five_tasks():
@@ -128,7 +135,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "mine"
 
 
-def test_disk_cache_roundtrip_and_corruption(tmp_path):
+def test_disk_cache_roundtrip_and_corruption(private_cache):
     x1, y1 = builtin_split("clevr_dist", "val", seed=3)
     files = list((cache_dir() / "datasets").glob("clevr_dist-*seed3-val.npz"))
     assert len(files) == 1

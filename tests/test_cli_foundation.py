@@ -12,7 +12,7 @@ import surgeon
 from surgeon.resources import builtin_recipes, schema_path
 from surgeon.surgery.selectors import compile_selector
 
-from .conftest import ROOT, TINY_VIT
+from .helpers import ROOT, TINY_VIT
 
 
 @pytest.mark.parametrize("pattern,name,hit", [

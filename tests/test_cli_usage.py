@@ -15,7 +15,7 @@ import yaml
 import surgeon
 from surgeon.recipe import load_recipe
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -87,6 +87,7 @@ def test_install_completion_writes_into_home(tmp_path):
 
 
 def test_internal_error_names_no_address(cli, monkeypatch):
+    import surgeon.model  # noqa: F401 - imported before the patch: its own reference stays the real one
     import surgeon.recipe
 
     def boom(*a, **k):
@@ -149,7 +150,7 @@ def test_import_surgeon_is_light_and_the_api_still_resolves():
 
 def test_show_recipe_yaml_and_json_are_the_resolved_recipe(cli):
     args = ["lora", "--model", "fractal_vit_tiny", "--data", "builtin:count", "--set", "train.epochs=3"]
-    expected = load_recipe("lora", ["train.epochs=3"], model="fractal_vit_tiny", data="builtin:count").data
+    expected = load_recipe("lora", ["train.epochs=3"], model="fractal_vit_tiny", data="builtin:count").to_dict()
     res = cli("show", *args)
     assert res.code == 0, res
     assert yaml.safe_load(res.out) == expected
@@ -267,7 +268,7 @@ def test_set_glob_hint_names_the_quoting(cli):
 # ------------------------------------------------------------------ report on a suite folder (item 7)
 
 def test_report_accepts_a_suite_folder(cli, tmp_path):
-    from .test_report import make_run
+    from .fake_runs import make_run
 
     root = tmp_path / "suites" / "grid"
     runs = [make_run(root / recipe / "digits", name=recipe, seed=seed, steps=20)

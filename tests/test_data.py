@@ -20,6 +20,7 @@ from PIL import Image
 from surgeon.data import (ArrayDataset, DataSplits, ImageFileDataset, build_loader, build_splits,
                           build_transforms, stratified_split)
 from surgeon.errors import UserError
+from surgeon.recipe import section
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
@@ -30,12 +31,12 @@ def model():
                              num_classes=3)
 
 
-def cfg(source: str, **kw) -> dict:
-    """A validated recipe `data` section (schema defaults) for `source`."""
+def cfg(source: str, **kw):
+    """A typed recipe `data` section (schema defaults) for `source`."""
     base = dict(source=source, protocol="final", image_size=None, augment="rrc_flip",
                 val_fraction=0.2, num_workers=0, bad_images="error", mean=None, std=None)
     base.update(kw)
-    return base
+    return section("data", base)
 
 
 def write_img(path, color=(128, 64, 32), size=8, mode="RGB", fmt=None):
@@ -213,9 +214,8 @@ def test_builtin_module_absent_is_a_user_error(monkeypatch, model):
                   "built-in data sets are not available")
 
 
-def test_builtin_real_digits(monkeypatch, tmp_path, model):
+def test_builtin_real_digits(model):
     pytest.importorskip("surgeon.builtin.datasets")
-    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path))  # keep the generator cache in tmp
     s = build_splits(cfg("builtin:digits", protocol="tune", augment="resize"), model, seed=0)
     assert s.num_classes == 10 and (len(s.train), len(s.val), s.test) == (800, 200, None)
     x, y = s.train[0]

@@ -17,20 +17,23 @@ from PIL import Image
 import surgeon
 from surgeon.backbone import create_backbone, resolve_model_name
 from surgeon.errors import RecipeError
-from surgeon.methods.adapter import AdapterLayer
+from surgeon.methods.adapter.layer import AdapterLayer
 from surgeon.methods.base import ExpertSampler, PatchContext
 from surgeon.methods.matrices import ExpertSplitMatrix, kaiming_uniform, make_matrix
+from surgeon.recipe import rule as typed_rule
+from surgeon.recipe import section
 from surgeon.train.regularizers import alignment_loss
 from surgeon.train.schedule import lr_factor, step_budget
 
-from .conftest import ROOT, TINY_VIT
+from .helpers import ROOT, TINY_VIT
 
 warnings.filterwarnings("ignore", message=".*pretrained is false.*")
 
 
 def split(decay="toward_init", bias="per_expert", n=4, shape=(12, 8), seed=0) -> ExpertSplitMatrix:
     gen = torch.Generator().manual_seed(seed)
-    rule = {"experts": {"count": n, "sparse": ["down", "up"], "bias": bias, "decay": decay}}
+    rule = typed_rule({"target": "m", "adapter": {},
+                       "experts": {"count": n, "sparse": ["down", "up"], "bias": bias, "decay": decay}})
     ctx = PatchContext(rule=rule, rule_index=0, layer_index=0, num_layers=1, sampler=ExpertSampler(seed=seed),
                        init_generator=gen)
     m = make_matrix(kaiming_uniform(*shape, gen), "down", rule, ctx, init_bias=torch.randn(shape[0], generator=gen))
@@ -110,7 +113,7 @@ def surgeon_optimizer(model, **train):
 
     cfg = {"optimizer": "adamw_hf", "eps": None, "weight_decay": 0.1, "base_lr": 1e-2, "lr_scaling": "none",
            "batch_size": 4, **train}
-    return build_optimizer(model, cfg)
+    return build_optimizer(model, section("train", cfg))
 
 
 def test_adamw_hf_decays_after_the_update_and_spares_names_with_bias():
@@ -133,7 +136,7 @@ def test_adamw_hf_decays_after_the_update_and_spares_names_with_bias():
 def test_per_epoch_schedule_is_the_published_warmup_cosine():
     cfg = {"batch_size": 4, "epochs": 10, "max_steps": None, "warmup_steps": None, "warmup_epochs": 2,
            "lr_step": "epoch"}
-    b = step_budget(cfg, num_train=12)  # 3 steps per epoch
+    b = step_budget(section("train", cfg), num_train=12)  # 3 steps per epoch
     kw = dict(warmup_steps=b.warmup_steps, total_steps=b.total_steps, schedule="cosine", min_factor=0.0,
               steps_per_epoch=b.steps_per_epoch)
     factors = [lr_factor(s, **kw) for s in range(b.total_steps)]
@@ -156,9 +159,10 @@ def test_alignment_is_the_published_sum_over_blocks_divided_by_depth():
 def test_resize_crop_flip_is_the_published_fgvc_pipeline():
     from surgeon.data.transforms import build_transforms
 
-    model = create_backbone({"name": "vit_tiny_patch16_224", "pretrained": False}, weights=False, device="meta")
-    tf = build_transforms({"augment": "resize_crop_flip", "image_size": None, "mean": None, "std": None,
-                           "interpolation": "bilinear"}, model)
+    model = create_backbone(section("model", {"name": "vit_tiny_patch16_224", "pretrained": False}), weights=False,
+                            device="meta")
+    tf = build_transforms(section("data", {"augment": "resize_crop_flip", "image_size": None, "mean": None, "std": None,
+                                           "interpolation": "bilinear"}), model)
     names = [type(t).__name__ for t in tf.train.transforms]
     assert names[:3] == ["Resize", "RandomCrop", "RandomHorizontalFlip"]
     assert tf.train.transforms[0].size == 256 and tf.train.transforms[1].size == (224, 224)
@@ -172,13 +176,13 @@ def test_resize_crop_flip_is_the_published_fgvc_pipeline():
 
 def test_pretrained_tags_resolve_per_architecture(cli):
     tags = ["orig_in21k", "ms_in22k"]
-    assert resolve_model_name({"name": "vit_base_patch16_224", "tag": tags}) == ("vit_base_patch16_224.orig_in21k", None)
-    assert resolve_model_name({"name": "vit_large_patch16_224", "tag": tags})[0] == "vit_large_patch16_224.orig_in21k"
-    assert resolve_model_name({"name": "swin_base_patch4_window7_224", "tag": tags})[0] == \
+    assert resolve_model_name(section("model", {"name": "vit_base_patch16_224", "tag": tags})) == ("vit_base_patch16_224.orig_in21k", None)
+    assert resolve_model_name(section("model", {"name": "vit_large_patch16_224", "tag": tags}))[0] == "vit_large_patch16_224.orig_in21k"
+    assert resolve_model_name(section("model", {"name": "swin_base_patch4_window7_224", "tag": tags}))[0] == \
         "swin_base_patch4_window7_224.ms_in22k"
-    name, notice = resolve_model_name({"name": "vit_tiny_patch16_224", "tag": tags})
+    name, notice = resolve_model_name(section("model", {"name": "vit_tiny_patch16_224", "tag": tags}))
     assert name == "vit_tiny_patch16_224" and "none of the pretrained tags" in notice
-    assert resolve_model_name({"name": "vit_base_patch16_224.augreg_in1k", "tag": tags})[0] == \
+    assert resolve_model_name(section("model", {"name": "vit_base_patch16_224.augreg_in1k", "tag": tags}))[0] == \
         "vit_base_patch16_224.augreg_in1k"  # a tag in the name wins
     result = cli("plan", "mosa_hier", "--model", "vit_base_patch16_224", "--json")
     assert result.code == 0, result
@@ -189,12 +193,14 @@ def test_pretrained_tags_resolve_per_architecture(cli):
 
 
 def test_backbone_dropout_by_role():
-    model = create_backbone({**TINY_VIT, "dropout": {"mlp": 0.1, "pos": 0.2, "attn_proj": 0.0}}, weights=False)
+    model = create_backbone(section("model", {**TINY_VIT, "dropout": {"mlp": 0.1, "pos": 0.2, "attn_proj": 0.0}}),
+                            weights=False)
     rates = {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
     assert rates["blocks.0.mlp.drop1"] == rates["blocks.1.mlp.drop2"] == 0.1
     assert rates["pos_drop"] == 0.2 and rates["blocks.0.attn.proj_drop"] == 0.0
     with pytest.warns(UserWarning, match="no pos dropout"):
-        create_backbone({"name": "convnext_atto", "pretrained": False, "dropout": {"pos": 0.1}}, weights=False)
+        create_backbone(section("model", {"name": "convnext_atto", "pretrained": False, "dropout": {"pos": 0.1}}),
+                        weights=False)
 
 
 def test_adapter_reads_the_residual_stream_through_its_own_layernorm():

@@ -43,14 +43,14 @@ from torch.utils.data import TensorDataset
 
 import surgeon
 from surgeon.data import DataSplits, build_loader
-from surgeon.methods.adapter import AdapterLayer, MergedAdapter, PrunedLayerNorm
+from surgeon.methods.adapter.layer import AdapterLayer, MergedAdapter, PrunedLayerNorm
 from surgeon.methods.base import ExpertSampler
 from surgeon.methods.matrices import DenseMatrix, ExpertSplitMatrix, PrunedMatrix
-from surgeon.run import MetricsLog, RunPaths
-from surgeon.train.checkpoint import step_seed
+from surgeon.rundir import MetricsLog, RunPaths
+from surgeon.seeding import step_seed
 from surgeon.train.trainer import Trainer
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 warnings.filterwarnings("ignore", message=".*pretrained is false.*")
 

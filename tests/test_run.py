@@ -13,9 +13,14 @@ import torch
 import yaml
 
 import surgeon
+from surgeon.apply import apply_recipe
 from surgeon.merge_run import fixed_batch
+from surgeon.model import rebuild_backbone
+from surgeon.runload import load_run_recipe
 
-from ._train_helpers import one_torch_thread, read_events, write_imagefolder, write_recipe  # noqa: F401
+from .helpers import PLAIN_TIMM_CHECK, read_events, write_imagefolder, write_recipe
+
+pytestmark = pytest.mark.slow  # every test here trains through `surgeon apply`
 
 START_KEYS = {"time", "recipe", "model", "data", "num_classes", "plan", "device", "seed", "provenance"}
 TRAIN_KEYS = {"step", "epoch", "loss", "ce", "consistency", "alignment", "lr", "img_per_s", "time"}
@@ -110,17 +115,6 @@ def test_load_run_merged_equals_unmerged(mosa_run):
         torch.testing.assert_close(merged(x), unmerged(x), atol=1e-5, rtol=0)
 
 
-PLAIN_TIMM_CHECK = r"""
-import sys, torch, timm
-model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
-x, expected = torch.load(sys.argv[2])
-with torch.no_grad():
-    diff = (model(x) - expected).abs().max().item()
-assert not any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules), "surgeon was imported"
-print(diff, model.num_classes, len(model.blocks))
-"""
-
-
 @pytest.mark.parametrize("surgery", [
     [{"target": "blocks.*.attn.qkv", "lora": {"rank": 4, "slices": ["q", "v"]}}],
     [{"target": "blocks.*.attn.proj", "unfreeze": "bias"}],
@@ -128,7 +122,7 @@ print(diff, model.num_classes, len(model.blocks))
 def test_merged_run_loads_in_plain_timm(tmp_path, data, surgery):
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=surgery, train={"epochs": 2, "batch_size": 6,
                                                                           "base_lr": 0.05})
-    run = surgeon.train.apply.apply_recipe(str(recipe), out=str(tmp_path / "run"))
+    run = apply_recipe(str(recipe), out=str(tmp_path / "run"))
     config = json.loads((run / "merged" / "config.json").read_text())
     assert config["model_args"]["img_size"] == [32, 32] and config["model_args"]["patch_size"] == 8
     assert config["model_args"]["depth"] == 2 and config["num_classes"] == 3
@@ -145,8 +139,6 @@ def test_merged_run_loads_in_plain_timm(tmp_path, data, surgery):
     diff, classes, depth = proc.stdout.split()
     assert float(diff) < 1e-4 and classes == "3" and depth == "2"
     # Training changed the folded weights: the merged model is not the untrained backbone.
-    from surgeon.run import load_run_recipe, rebuild_backbone
-
     untrained = rebuild_backbone(load_run_recipe(run)).state_dict()
     merged = surgeon.load_run(run).state_dict()
     key = "blocks.0.attn.qkv.weight" if "lora" in surgery[0] else "blocks.0.attn.proj.bias"

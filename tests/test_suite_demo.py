@@ -35,7 +35,7 @@ def _resolved(suite_name: str, tmp_path, overrides=()) -> dict:
     from surgeon.recipe import load_recipe
 
     cells = suite_cells(load_suite(builtin_suite(suite_name), list(overrides)), tmp_path)
-    return {(c.recipe, c.dataset): load_recipe(c.recipe, c.overrides).data for c in cells}
+    return {(c.recipe, c.dataset): load_recipe(c.recipe, c.overrides).to_dict() for c in cells}
 
 
 def test_vtab1k_suite_carries_the_published_settings(tmp_path):

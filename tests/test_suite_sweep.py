@@ -21,15 +21,15 @@ def test_suite_set_override_changes_one_key_only(tmp_path):
     assert "train" not in suite["set"] and "train.warmup_epochs" not in suite["set"]
     assert suite["recipe_set"]["full"] == {"train.base_lr": 1e-4}
     cells = {c.recipe: c for c in suite_cells(suite, tmp_path) if c.dataset == "builtin:digits"}
-    lora = load_recipe(cells["lora"].recipe, cells["lora"].overrides)["train"]
-    assert (lora["epochs"], lora["batch_size"], lora["base_lr"], lora["precision"]) == (2, 32, 5e-3, "fp32")
-    full = load_recipe(cells["full"].recipe, cells["full"].overrides)["train"]
-    assert (full["epochs"], full["batch_size"], full["base_lr"]) == (2, 32, 1e-4)
+    lora = load_recipe(cells["lora"].recipe, cells["lora"].overrides).train
+    assert (lora.epochs, lora.batch_size, lora.base_lr, lora.precision) == (2, 32, 5e-3, "fp32")
+    full = load_recipe(cells["full"].recipe, cells["full"].overrides).train
+    assert (full.epochs, full.batch_size, full.base_lr) == (2, 32, 1e-4)
     # what the demo's --quick passes
     demo = load_suite(builtin_suite("demo"), ["set.train.epochs=1", "set.train.max_steps=3"])
     cell = suite_cells(demo, tmp_path)[0]
-    train = load_recipe(cell.recipe, cell.overrides)["train"]
-    assert (train["epochs"], train["max_steps"], train["batch_size"], train["base_lr"]) == (1, 3, 32, 5e-3)
+    train = load_recipe(cell.recipe, cell.overrides).train
+    assert (train.epochs, train.max_steps, train.batch_size, train.base_lr) == (1, 3, 32, 5e-3)
 
 
 def _suite(tmp_path: Path, **sweep) -> Path:
@@ -61,7 +61,7 @@ def test_suite_sweeps_merge_grid_and_recipe_grid(tmp_path):
 
 
 def test_suite_sweep_grid_problems_stop_before_training(tmp_path):
-    from surgeon.suite import run_suite
+    from surgeon.suite_runner import run_suite
 
     path = _suite(tmp_path, recipe_grid={"lora": {"surgery.0.lora.rnak": [2]}})
     with pytest.raises(UserError) as exc:
@@ -70,8 +70,9 @@ def test_suite_sweep_grid_problems_stop_before_training(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_suite_with_sweep_tunes_then_trains_seed_cells(tmp_path):
-    from surgeon.suite import run_suite
+    from surgeon.suite_runner import run_suite
 
     out = tmp_path / "out"
     md = run_suite(_suite(tmp_path), out=out)

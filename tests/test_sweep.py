@@ -16,8 +16,8 @@ import yaml
 
 from surgeon.errors import UserError
 from surgeon.sweep import space
-from tests._train_helpers import read_events
-from tests.conftest import ROOT
+from tests.helpers import read_events
+from tests.helpers import ROOT
 
 optuna = pytest.importorskip("optuna")
 
@@ -141,6 +141,7 @@ def test_edge_side_only_for_numeric_grids():
 
 # --------------------------------------------------------------------- sweeps that train
 
+@pytest.mark.slow
 def test_sweep_tunes_on_val_then_retrains_best_on_trainval(tmp_path):
     out = tmp_path / "sw"
     res = _sweep(out)
@@ -189,6 +190,7 @@ def test_sweep_tunes_on_val_then_retrains_best_on_trainval(tmp_path):
     assert again.best.config == res.best.config and again.test_mean == res.test_mean
 
 
+@pytest.mark.slow
 def test_diverged_trial_is_recorded_not_fatal(tmp_path):
     out = tmp_path / "sw"
     res = _sweep(out, ("train.base_lr=[1e-3,1e30]",), overrides=["train.max_bad_steps=1"], seeds=[])
@@ -210,6 +212,7 @@ def test_diverged_trial_is_recorded_not_fatal(tmp_path):
     assert (out / bad.run_dir / "metrics.jsonl").stat().st_mtime == mtime
 
 
+@pytest.mark.slow
 def test_prune_stops_a_trial_and_records_why(tmp_path, monkeypatch):
     """The pruning decision is Optuna's; here a pruner that condemns everything shows the wiring:
     the trainer stops after the warm-up, the study says PRUNED, the run says why."""
@@ -231,8 +234,9 @@ def test_prune_stops_a_trial_and_records_why(tmp_path, monkeypatch):
     assert [t.state for t in res.trials] == ["complete"]
 
 
+@pytest.mark.slow
 def test_trainer_hook_reports_each_validation_and_can_stop(tmp_path):
-    from surgeon.train.apply import apply_recipe
+    from surgeon.apply import apply_recipe
     from surgeon.train.trainer import TrainingStopped
 
     seen = []
@@ -254,6 +258,7 @@ class _Killed(BaseException):
     """Stands for kill -9: escapes every handler, records nothing."""
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(tmp_path, monkeypatch):
     """A sweep killed in the middle of its second trial, run again: the first trial is not
     re-run, the second resumes from its checkpoint, then the final run."""
@@ -292,6 +297,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert states == [("COMPLETE", None), ("FAIL", "interrupted"), ("COMPLETE", None)]
 
 
+@pytest.mark.slow
 def test_extend_edges_adds_values_until_the_best_is_inside(tmp_path, monkeypatch):
     """The objective is replaced by a known curve (peak at lr 1e-1) so the extension path is exact."""
     from surgeon.sweep import runner
@@ -314,6 +320,7 @@ def test_extend_edges_adds_values_until_the_best_is_inside(tmp_path, monkeypatch
     assert len(res2.trials) == 2 and res2.edges[0].side == "high" and "--extend-edges" in res2.edges[0].note
 
 
+@pytest.mark.slow
 def test_extend_edges_stops_after_three_and_at_invalid_values(tmp_path, monkeypatch):
     from surgeon.sweep import runner
 
@@ -348,6 +355,7 @@ def test_extend_edges_stops_after_three_and_at_invalid_values(tmp_path, monkeypa
     assert again.best.config == res.best.config
 
 
+@pytest.mark.slow
 def test_tpe_sampler_trains_n_distinct_configurations(tmp_path):
     res = _sweep(tmp_path / "sw", ("train.base_lr=[1e-2,3e-3,1e-3]",), trials=2, seeds=[])
     assert res.sampler == "tpe" and len(res.trials) == 2

@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 
 import surgeon
 from surgeon.errors import UserError
-from surgeon.train.apply import apply_recipe
+from surgeon.apply import apply_recipe
+from surgeon.recipe import section
 from surgeon.train.checkpoint import load_checkpoint
 from surgeon.train.regularizers import Objective, alignment_loss, consistency_loss, find_blocks
 from surgeon.train.schedule import build_optimizer, lr_factor, peak_lr, step_budget
 
-from ._train_helpers import TINY_MODEL, one_torch_thread, read_events, write_imagefolder, write_recipe  # noqa: F401
+from .helpers import TINY_MODEL, read_events, write_imagefolder, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,13 @@ def _assert_same_tensors(a: dict, b: dict, atol: float = 0.0):
 
 def test_step_budget_warmup_and_cap():
     cfg = {"batch_size": 4, "epochs": 10, "max_steps": None, "warmup_steps": None, "warmup_epochs": 2}
-    b = step_budget(cfg, num_train=18)
+    b = step_budget(section("train", cfg), num_train=18)
     assert (b.steps_per_epoch, b.total_steps, b.warmup_steps, b.drop_last) == (4, 40, 8, True)
-    b = step_budget({**cfg, "max_steps": 13}, num_train=18)
+    b = step_budget(section("train", {**cfg, "max_steps": 13}), num_train=18)
     assert (b.total_steps, b.epochs) == (13, 4)
-    b = step_budget({**cfg, "warmup_steps": 100}, num_train=18)
+    b = step_budget(section("train", {**cfg, "warmup_steps": 100}), num_train=18)
     assert (b.warmup_steps, b.warmup_requested, b.warmup_clamped) == (20, 100, True)  # at most half the run
-    b = step_budget(cfg, num_train=3)  # fewer images than a batch: one short batch per epoch
+    b = step_budget(section("train", cfg), num_train=3)  # fewer images than a batch: one short batch per epoch
     assert (b.steps_per_epoch, b.drop_last) == (1, False)
 
 
@@ -73,15 +74,15 @@ def test_lr_schedule_shape():
     assert values[4] == 1.0 and all(a >= b for a, b in zip(values[4:], values[5:]))
     assert values[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
     assert lr_factor(10, warmup_steps=0, total_steps=20, schedule="constant", min_factor=0) == 1.0
-    assert peak_lr({"base_lr": 1e-3, "lr_scaling": "linear", "batch_size": 128}) == pytest.approx(5e-4)
-    assert peak_lr({"base_lr": 1e-3, "lr_scaling": "none", "batch_size": 128}) == 1e-3
+    assert peak_lr(section("train", {"base_lr": 1e-3, "lr_scaling": "linear", "batch_size": 128})) == pytest.approx(5e-4)
+    assert peak_lr(section("train", {"base_lr": 1e-3, "lr_scaling": "none", "batch_size": 128})) == 1e-3
 
 
 def test_optimizer_trains_only_trainable_and_skips_decay_on_1d():
     recipe = surgeon.load_recipe({"name": "t", "model": TINY_MODEL, "surgery": [
         {"target": "blocks.*.mlp", "adapter": {"bottleneck": 4, "learnable_scale": True}}]})
     model = surgeon.build_model(recipe, weights=False, num_classes=3)
-    opt = build_optimizer(model, recipe["train"])
+    opt = build_optimizer(model, recipe.train)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -138,7 +139,7 @@ def _mosa_model(seed=0):
 def test_objective_two_passes_differ_and_alignment_hooks(batched):
     recipe, model = _mosa_model()
     reg = {"consistency": {"weight": 1.0, "batched": batched}, "feature_alignment": {"weight": 0.5, "blocks": "1:"}}
-    objective = Objective(model, reg)
+    objective = Objective(model, section("regularizers", reg))
     model.train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     parts = objective(model, x, y)
@@ -161,6 +162,7 @@ class _Killed(BaseException):
     """Stands in for SIGKILL in-process: nothing catches a BaseException subclass."""
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_not(tmp_path, data):
     recipe = write_recipe(tmp_path / "r.yaml", data, train=RESUME_TRAIN, regularizers=RESUME_REG,
                           data={"augment": "rrc_flip"})
@@ -172,6 +174,7 @@ def test_same_seed_same_numbers_other_seed_not(tmp_path, data):
     assert _losses(c) != _losses(a)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, data, monkeypatch):
     """Interrupt right after the mid-epoch checkpoint at step 8 (epoch 2, batch 2), resume, and
     end with the same tensors, losses and evaluations as an uninterrupted run."""
@@ -208,6 +211,7 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, data, monkeypatch):
     assert [s["resumed_from_step"] for s in starts] == [None, 8]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe(tmp_path, data, cli):
     recipe = write_recipe(tmp_path / "r.yaml", data, train={"max_steps": 2, "merge": False})
     run = _run(recipe, tmp_path / "run")
@@ -286,6 +290,7 @@ def _poison(monkeypatch, bad_steps):
     monkeypatch.setattr(Objective, "__call__", call)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_reported(tmp_path, data, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", data, train={"epochs": 1, "batch_size": 4, "merge": False},
                           surgery=[])
@@ -299,6 +304,7 @@ def test_nonfinite_steps_are_skipped_counted_and_reported(tmp_path, data, monkey
     assert all(math.isfinite(v) for v in _tensors(run)["head.weight"].flatten().tolist())
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_with_checkpoint_intact(tmp_path, data, monkeypatch, cli):
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[],
                           train={"epochs": 2, "batch_size": 4, "checkpoint_every": 4, "max_bad_steps": 3})
@@ -315,6 +321,7 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint_intact(tmp_path, data, mo
     assert (last["event"], last["step"]) == ("stopped", 9)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(tmp_path, data):
     base = {"max_steps": 1, "batch_size": 6, "merge": False, "warmup_steps": 0}
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[{"target": "blocks.*.attn.proj", "unfreeze": "bias"}],
@@ -326,6 +333,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, data):
         recipe, tmp_path / "other", overrides=["train.batch_size=3"]))["head.weight"])
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains(tmp_path, data):
     recipe = write_recipe(tmp_path / "r.yaml", data, train={"max_steps": 3, "precision": "bf16", "merge": False})
     run = _run(recipe, tmp_path / "run")
@@ -334,6 +342,7 @@ def test_bf16_autocast_trains(tmp_path, data):
     assert all(v.dtype == torch.float32 for v in _tensors(run).values() if v.is_floating_point())  # fp32 masters
 
 
+@pytest.mark.slow
 def test_recipe_without_val_improvement_keeps_latest_best(tmp_path, data):
     """Ties on val top-1 select the later step (documented rule)."""
     recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[], train={"epochs": 2, "batch_size": 4, "base_lr": 1e-9,

@@ -15,7 +15,7 @@ import torch
 from surgeon.errors import UserError
 from surgeon.weights import check_load_report, load_report, pretrained_kwargs
 
-from ._train_helpers import one_torch_thread, write_imagefolder, write_recipe  # noqa: F401
+from .helpers import write_imagefolder, write_recipe
 
 NAME = "vit_tiny_patch16_224"
 SOURCE_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2}

@@ -351,6 +351,8 @@ DIGITS_TRAIN_PER_CLASS, DIGITS_VAL_PER_CLASS = 80, 20
 @lru_cache(maxsize=1)
 def _digits_upsampled() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 scikit-learn digits as ``[1797, 32, 32, 3]`` uint8 and their labels."""
+    # scikit-learn (about a second to import) and PIL only when the digits set is generated:
+    # a cached set, the other sets and the CLI's start-up never need them.
     from PIL import Image
     from sklearn.datasets import load_digits
 

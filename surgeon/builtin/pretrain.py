@@ -17,9 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
 
+from surgeon.builtin.datasets import builtin_info, builtin_split
 from surgeon.builtin.fractal import fractal_split
 
 MODEL_NAME = "vit_tiny_patch16_224"
@@ -82,8 +86,6 @@ class _Progress:
         self.enabled = enabled
         self.bar = None
         if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn())
             self.bar.start()
@@ -176,9 +178,6 @@ def pretrain_builtin(
     pretrained_cfg_overlay=dict(file=path, num_classes=0), **MODEL_KWARGS)``, which
     re-initialises the head for any ``K``.
     """
-    import timm
-    from safetensors.torch import save_file
-
     t_start = time.time()
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
@@ -315,8 +314,6 @@ def _features(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> np.n
 
 
 def _make_model(weights: Path | None, num_classes: int, seed: int) -> torch.nn.Module:
-    import timm
-
     torch.manual_seed(seed)  # the head (and, without weights, everything) is drawn from this
     if weights is None:
         return timm.create_model(MODEL_NAME, pretrained=False, num_classes=num_classes, **MODEL_KWARGS)
@@ -395,11 +392,10 @@ def transfer_check(
         "pretrained_mean": float, "random_mean": float}}}``, accuracies in [0, 1], plus
         ``"settings"`` (the arguments) and ``"seconds"`` (wall time).
     """
+    # scikit-learn (about a second to import) only for this check, not for pretraining.
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
-
-    from surgeon.builtin.datasets import builtin_info, builtin_split
 
     t0 = time.time()
     weights = Path(weights)

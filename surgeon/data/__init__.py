@@ -2,9 +2,9 @@
 
 Public API (what the trainer uses)::
 
-    splits = build_splits(recipe["data"], model, seed=seed)        # -> DataSplits
+    splits = build_splits(recipe.data, model, seed=recipe.data.seed)   # -> DataSplits
     loader = build_loader(splits.train, batch_size=64, shuffle=True, seed=seed,
-                          num_workers=recipe["data"]["num_workers"], drop_last=True, epoch=epoch)
+                          num_workers=recipe.data.num_workers, drop_last=True, epoch=epoch)
     for images, labels in loader:   # float32 [B, 3, H, W] normalised, int64 [B]
         ...
     splits.train.skipped            # images skipped under `data.bad_images: skip`

@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import Dataset
 
 from surgeon.errors import UserError
+from surgeon.recipe.sections import DataConfig
 
 from .datasets import IMG_EXTENSIONS, ArrayDataset, ImageFileDataset
 from .transforms import TransformSet, build_transforms
@@ -145,13 +146,13 @@ def parse_source(spec: str) -> tuple[str, str]:
     return scheme, arg
 
 
-def build_splits(data_cfg: dict, model: torch.nn.Module, *, seed: int) -> DataSplits:
-    """Build train/val/test datasets for ``data_cfg['source']`` with ``model``'s transforms.
+def build_splits(data_cfg: DataConfig, model: torch.nn.Module, *, seed: int) -> DataSplits:
+    """Build train/val/test datasets for ``data_cfg.source`` with ``model``'s transforms.
 
     Args:
-        data_cfg: the validated recipe ``data`` section (every field present): ``source``,
-            ``protocol`` (tune|final), ``image_size``, ``augment``, ``val_fraction``,
-            ``bad_images`` (error|skip), ``mean``, ``std`` (``num_workers`` is for the loader).
+        data_cfg: the recipe's typed ``data`` section: ``source``, ``protocol`` (tune|final),
+            ``image_size``, ``augment``, ``val_fraction``, ``bad_images`` (error|skip), ``mean``,
+            ``std`` (``num_workers`` is for the loader).
         model: the timm backbone; its ``timm.data.resolve_input_data_config`` gives the input
             size, interpolation, mean/std and crop_pct unless the recipe overrides them.
         seed: the *data* seed: it draws the held-out validation split (single trees, filelist,
@@ -166,10 +167,10 @@ def build_splits(data_cfg: dict, model: torch.nn.Module, *, seed: int) -> DataSp
         UserError: unknown scheme, missing path, empty class folder or split, bad label,
             missing image listed in a file (``bad_images: error``).
     """
-    source = data_cfg["source"]
+    source = data_cfg.source
     scheme, arg = parse_source(source)
     tf = build_transforms(data_cfg, model)
-    protocol = data_cfg.get("protocol", "final")
+    protocol = data_cfg.protocol
     if scheme == "builtin":
         return _build_builtin(source, arg, protocol, seed, tf)
     finder = {"imagefolder": _find_imagefolder, "vtab1k": _find_vtab1k,
@@ -178,8 +179,8 @@ def build_splits(data_cfg: dict, model: torch.nn.Module, *, seed: int) -> DataSp
     return _assemble(source, found, data_cfg, protocol, tf)
 
 
-def source_classes(data_cfg: dict, *, seed: int = 0) -> list[str]:
-    """The class names of ``data_cfg['source']`` (``len`` = the head size ``apply`` would use),
+def source_classes(data_cfg: DataConfig, *, seed: int = 0) -> list[str]:
+    """The class names of ``data_cfg.source`` (``len`` = the head size ``apply`` would use),
     found the way :func:`build_splits` finds them but without building datasets.
 
     No image is opened and listed files are not checked for existence: imagefolder lists the
@@ -187,18 +188,18 @@ def source_classes(data_cfg: dict, *, seed: int = 0) -> list[str]:
     files, fgvc its json files (and probes where the first 50 images lie), builtin its registry.
 
     Args:
-        data_cfg: the validated recipe ``data`` section (``source``, ``protocol``, ``val_fraction``).
+        data_cfg: the recipe's typed ``data`` section (``source``, ``protocol``, ``val_fraction``).
         seed: the data seed (as :func:`build_splits`).
 
     Raises:
         UserError: as :func:`build_splits` for an unknown scheme, a missing path or a bad list.
     """
-    scheme, arg = parse_source(data_cfg["source"])
+    scheme, arg = parse_source(data_cfg.source)
     if scheme == "builtin":
-        return list(_builtin_info(data_cfg["source"], arg)["class_names"])
+        return list(_builtin_info(data_cfg.source, arg)["class_names"])
     finder = {"imagefolder": _find_imagefolder, "vtab1k": _find_vtab1k,
               "filelist": _find_filelist, "fgvc": _find_fgvc}[scheme]
-    return list(finder(arg, data_cfg, data_cfg.get("protocol", "final"), seed).classes)
+    return list(finder(arg, data_cfg, data_cfg.protocol, seed).classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,9 +335,9 @@ def _check_files(split: _Split, bad_images: str, hint: str
     return samples, missing
 
 
-def _assemble(source: str, found: _Found, data_cfg: dict, protocol: str,
+def _assemble(source: str, found: _Found, data_cfg: DataConfig, protocol: str,
               tf: TransformSet) -> DataSplits:
-    bad = data_cfg.get("bad_images", "error")
+    bad = data_cfg.bad_images
     hint = (f"listed paths are relative to {found.base}; fix the path or set "
             "`data.bad_images: skip` to drop missing images")
     datasets = {}
@@ -417,7 +418,7 @@ def _scan_tree(path: str, classes: list[str] | None, split_name: str) -> tuple[l
     return classes, _Split(entries, f"{split_name}/" if split_name != "tree" else "the tree")
 
 
-def _find_imagefolder(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
+def _find_imagefolder(root: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
     _need_dir(root, "data directory", "imagefolder:PATH expects a folder of class sub-folders, "
               "or train/ [val/] [test/] sub-folders of class sub-folders")
     subdirs = _subdirs(root)
@@ -438,7 +439,7 @@ def _find_imagefolder(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
         layout = "/, ".join(["train", *val_dirs, *(["test"] if test else [])]) + "/"
         what = f"ImageFolder tree {root} ({layout} sub-folders)"
         if val is None:
-            train, val = _carve_val(train, cfg["val_fraction"], seed)
+            train, val = _carve_val(train, cfg.val_fraction, seed)
     else:
         for d in (*_VAL_DIRS, "test"):
             # PATH/test/<class>/... without PATH/train: a split layout missing its train part,
@@ -448,7 +449,7 @@ def _find_imagefolder(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
                                 where=root, hint="put the training images in "
                                 f"{os.path.join(root, 'train')}/<class>/")
         classes, tree = _scan_tree(root, None, "tree")
-        train, val = _carve_val(tree, cfg["val_fraction"], seed)
+        train, val = _carve_val(tree, cfg.val_fraction, seed)
         test = None
         what = f"ImageFolder tree {root} (one tree of class folders, split into train/val)"
     return _Found(train, val, test if protocol == "final" else None, classes, what)
@@ -461,7 +462,7 @@ _VTAB_HINT = ("vtab1k:ROOT/TASK expects ROOT/TASK/{train800,val200,train800val20
               "as distributed with the PEFT literature")
 
 
-def _find_vtab1k(task_dir: str, cfg: dict, protocol: str, seed: int) -> _Found:
+def _find_vtab1k(task_dir: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
     _need_dir(task_dir, "VTAB-1k task folder", _VTAB_HINT)
     if not any(os.path.exists(os.path.join(task_dir, f)) for f in ("val200.txt", "test.txt")):
         tasks = [d for d in _subdirs(task_dir)
@@ -499,14 +500,14 @@ def _find_vtab1k(task_dir: str, cfg: dict, protocol: str, seed: int) -> _Found:
 # --------------------------------------------------------------------------------------------
 # filelist:FILE
 
-def _find_filelist(file: str, cfg: dict, protocol: str, seed: int) -> _Found:
+def _find_filelist(file: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
     _need_file(file, "file list", "filelist:FILE expects a text file of `path label` lines")
     base = os.path.dirname(os.path.abspath(file))
     full = _Split(_read_list(file, base), os.path.basename(file))
     k = 1 + max(e.label for e in full.entries)
     _warn_label_gaps([full], k, file)
     names = _names_from_paths([full], k)
-    train, val = _carve_val(full, cfg["val_fraction"], seed)
+    train, val = _carve_val(full, cfg.val_fraction, seed)
     what = f"File list {file} ({len(full.entries)} images, split into train/val)"
     return _Found(train, val, None, names, what, base=base)
 
@@ -548,7 +549,7 @@ def _read_json(file: str) -> tuple[list[tuple[str, int]], str]:
     return rows, text
 
 
-def _find_fgvc(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
+def _find_fgvc(root: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
     _need_dir(root, "FGVC data folder", _FGVC_HINT)
     names = ["train.json", "val.json"] + (["test.json"] if protocol == "final" else [])
     rows: dict[str, list] = {}
@@ -584,7 +585,7 @@ def _find_fgvc(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
     val = split_of("val.json") if "val.json" in rows else None
     test = split_of("test.json") if "test.json" in rows else None
     if val is None:
-        part, val = _carve_val(train, cfg["val_fraction"], seed)
+        part, val = _carve_val(train, cfg.val_fraction, seed)
         if protocol == "tune" or val is None:
             train = part
     elif protocol == "final":
@@ -602,6 +603,9 @@ def _find_fgvc(root: str, cfg: dict, protocol: str, seed: int) -> _Found:
 # builtin:NAME
 
 def _builtin_module(source: str):
+    # A hook looked up at call time, not imported with this module: the built-in sets are an
+    # optional part of an installation (a slim one may leave them out: a clear error then), and
+    # the generators (numpy, scikit-learn) load only when a built-in set is used.
     try:
         from surgeon.builtin import datasets as builtin
     except ModuleNotFoundError as e:

@@ -39,6 +39,8 @@ import torch
 from timm.data.transforms import MaybeToTensor, str_to_interp_mode
 from torchvision import transforms as T
 
+from surgeon.recipe.sections import DataConfig
+
 AUGMENTS = ("rrc_flip", "resize_crop_flip", "flip", "resize")
 RESIZE_RATIO = 256 / 224  # the published FGVC pipeline: Resize(256) -> RandomCrop(224)
 
@@ -92,11 +94,11 @@ def _fmt(values) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in values) + ")"
 
 
-def resolve_data_config(data_cfg: dict, model: torch.nn.Module) -> dict:
+def resolve_data_config(data_cfg: DataConfig, model: torch.nn.Module) -> dict:
     """The model's timm input config with the recipe's overrides applied.
 
     Args:
-        data_cfg: the recipe's ``data`` section (``image_size``, ``mean``, ``std`` may be null).
+        data_cfg: the recipe's typed ``data`` section (``image_size``, ``mean``, ``std`` may be None).
         model: the timm model (its ``pretrained_cfg`` and actual input size are read).
 
     Returns:
@@ -104,15 +106,15 @@ def resolve_data_config(data_cfg: dict, model: torch.nn.Module) -> dict:
         ``crop_mode``.
     """
     cfg = dict(timm.data.resolve_input_data_config(model))
-    if data_cfg.get("image_size"):
-        s = int(data_cfg["image_size"])
+    if data_cfg.image_size:
+        s = int(data_cfg.image_size)
         cfg["input_size"] = (3, s, s)
-    if data_cfg.get("mean") is not None:
-        cfg["mean"] = tuple(float(x) for x in data_cfg["mean"])
-    if data_cfg.get("std") is not None:
-        cfg["std"] = tuple(float(x) for x in data_cfg["std"])
-    if data_cfg.get("interpolation"):
-        cfg["interpolation"] = data_cfg["interpolation"]
+    if data_cfg.mean is not None:
+        cfg["mean"] = tuple(float(x) for x in data_cfg.mean)
+    if data_cfg.std is not None:
+        cfg["std"] = tuple(float(x) for x in data_cfg.std)
+    if data_cfg.interpolation:
+        cfg["interpolation"] = data_cfg.interpolation
     cfg.setdefault("crop_pct", timm.data.DEFAULT_CROP_PCT)
     cfg["crop_pct"] = cfg["crop_pct"] or timm.data.DEFAULT_CROP_PCT
     cfg["crop_mode"] = cfg.get("crop_mode") or "center"
@@ -140,18 +142,18 @@ def _plain_resize(size: tuple[int, int], interpolation: str, mean, std, flip: bo
     return T.Compose(steps)
 
 
-def build_transforms(data_cfg: dict, model: torch.nn.Module) -> TransformSet:
+def build_transforms(data_cfg: DataConfig, model: torch.nn.Module) -> TransformSet:
     """Train and eval transforms for ``model`` as the recipe's ``data`` section asks.
 
     Args:
-        data_cfg: the validated ``data`` section (``augment``, ``image_size``, ``mean``, ``std``).
+        data_cfg: the typed ``data`` section (``augment``, ``image_size``, ``mean``, ``std``).
         model: the timm backbone whose data config is the default.
 
     Returns:
         :class:`TransformSet`; both transforms map PIL RGB -> float32 ``[3, H, W]``.
     """
     cfg = resolve_data_config(data_cfg, model)
-    augment = data_cfg.get("augment", "rrc_flip")
+    augment = data_cfg.augment
     assert augment in AUGMENTS, augment  # the schema enforces the enum
     size = tuple(int(x) for x in cfg["input_size"][1:])
     mean, std, interp = tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"]

@@ -1,20 +1,26 @@
-"""The two small bases every method builds on, and the method registry.
+"""The two small bases every method builds on, and how a method's implementation is found.
 
-- :class:`Method` turns one recipe rule into patches: it says whether it can patch a module
-  and returns the module to put in its place.
+- :class:`Method` turns one recipe rule into patches: it says whether it can patch a module,
+  prepares what the rule's modules share (:meth:`Method.prepare`) and returns the module to
+  put in each one's place.
 - :class:`SurgeryLayer` is a module that wraps the original ``base_layer`` and adds the
   method's tensors. It knows its parameter count (the papers' definition) and how to merge
   itself back into plain modules.
 
-A method registers itself under its recipe key with :func:`register`.
+A method's implementation is ``METHOD`` in ``surgeon/methods/<key>/method.py``;
+:func:`get_method` loads it for a key of the registry (:mod:`surgeon.methods.registry`).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from functools import lru_cache
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
+
+from surgeon.methods.registry import Rule, method_specs
 
 
 @dataclass
@@ -55,26 +61,49 @@ class ExpertSampler:
 
 
 @dataclass
+class RuleContext:
+    """What a method may need to know while preparing one rule (:meth:`Method.prepare`).
+
+    Attributes:
+        rule: the typed rule.
+        rule_index: position of the rule in ``surgery``.
+        matches: ``[(name, module)]`` the rule will patch, in model order.
+        sampler: the model's shared :class:`ExpertSampler` (``sampler.seed`` is the run seed).
+        init_generator: seeded generator for surgery-time randomness.
+        root: the model being patched.
+    """
+
+    rule: Rule
+    rule_index: int
+    matches: list[tuple[str, nn.Module]]
+    sampler: ExpertSampler
+    init_generator: torch.Generator
+    root: nn.Module | None = None
+
+
+@dataclass
 class PatchContext:
     """What a method may need to know while patching one module.
 
     Attributes:
-        rule: the recipe rule (validated, defaults filled).
+        rule: the typed rule (:class:`~surgeon.methods.registry.Rule`).
         rule_index: position of the rule in ``surgery``.
         layer_index: index of this module among the rule's matches (0-based, model order).
         num_layers: how many modules the rule matched (per-layer lists have this length).
         sampler: the model's shared :class:`ExpertSampler`.
         init_generator: seeded generator for surgery-time randomness (masks, pruning, init).
         root: the model being patched (to find a module's siblings, e.g. ``adapter.input_from``).
+        state: what the method's :meth:`Method.prepare` returned for this rule (None by default).
     """
 
-    rule: dict
+    rule: Rule
     rule_index: int
     layer_index: int
     num_layers: int
     sampler: ExpertSampler
     init_generator: torch.Generator
     root: nn.Module | None = None
+    state: Any = None
 
 
 class SurgeryLayer(nn.Module):
@@ -113,47 +142,50 @@ class SurgeryLayer(nn.Module):
 
 
 class Method:
-    """Applies one kind of rule (its recipe ``key``) to modules.
+    """Applies one kind of rule (its recipe ``key``) to modules: the torch side of a method.
 
-    Subclasses implement :meth:`display_name`, :meth:`cannot_patch` and :meth:`patch`.
+    Subclasses implement :meth:`patch`, and :meth:`cannot_patch` / :meth:`prepare` when needed.
+    Plan names, checks and descriptions are the method's spec (:mod:`surgeon.methods.registry`).
     """
 
     key: ClassVar[str] = ""
+    #: True when merging folds the method into existing weights (the merged model is plain timm).
+    folds: ClassVar[bool] = True
+    #: True for methods that train the matched modules' own parameters (``unfreeze``): they may
+    #: match the classifier head, and matched modules they cannot patch are skipped, not errors.
+    trains_own_parameters: ClassVar[bool] = False
 
-    def display_name(self, rule: dict) -> str:
-        """The name shown in plans and reports (e.g. ``mosa`` for an adapter rule with experts)."""
-        return self.key
-
-    def cannot_patch(self, name: str, module: nn.Module, rule: dict) -> str | None:
+    def cannot_patch(self, name: str, module: nn.Module, rule: Rule) -> str | None:
         """Why this method cannot patch ``module`` (a sentence), or None if it can."""
+        return None
+
+    def prepare(self, ctx: RuleContext) -> Any:
+        """Per-rule state, computed once before the rule's modules are patched and handed to
+        each :meth:`patch` as ``ctx.state`` (e.g. MLAE's per-layer expert allocation).
+
+        Raises:
+            ValueError: the rule cannot apply to its matches (reported at the rule).
+        """
         return None
 
     def patch(self, name: str, module: nn.Module, ctx: PatchContext) -> nn.Module:
         """Return the module that takes ``module``'s place (possibly ``module`` itself)."""
         raise NotImplementedError
 
-
-METHODS: dict[str, Method] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` the method for recipe key ``cls.key``."""
-    if not cls.key or cls.key in METHODS:
-        raise RuntimeError(f"method key {cls.key!r} is empty or registered twice")
-    METHODS[cls.key] = cls()
-    return cls
+    def nothing_to_patch(self, selector: str, rule: Rule) -> str:
+        """The message when a :attr:`trains_own_parameters` method finds nothing to train."""
+        return f"'{selector}' matches no module this method can train"
 
 
+@lru_cache(maxsize=None)
 def get_method(key: str) -> Method:
-    _import_builtin_methods()
-    return METHODS[key]
-
-
-def _import_builtin_methods() -> None:
-    # Import the method packages for their @register side effect (no-op once imported).
-    from surgeon import methods  # noqa: F401
-    for pkg in ("adapter", "lora", "mlae", "unfreeze"):
-        __import__(f"surgeon.methods.{pkg}")
+    """The :class:`Method` of a registered recipe key (``surgeon/methods/<key>/method.py``)."""
+    if key not in method_specs():
+        raise KeyError(f"no method {key!r}; known: {', '.join(method_specs())}")
+    method = importlib.import_module(f"surgeon.methods.{key}.method").METHOD
+    if not isinstance(method, Method) or method.key != key:
+        raise RuntimeError(f"surgeon/methods/{key}/method.py must define METHOD, a Method with key {key!r}")
+    return method
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}

@@ -3,7 +3,7 @@
 All expert-split matrices of a model share one :class:`~surgeon.methods.base.ExpertSampler`
 (``model.surgeon_sampler``, attached by the surgery driver). In **training** mode every split
 matrix draws an expert per forward pass, whatever the settings here. In **eval** mode they
-follow the sampler (METHODS.md §2, paper Table 6):
+follow the sampler (METHODS.md §2, paper Table 6; the names: :mod:`surgeon.methods.modes`):
 
 ==============  ==========================================================================
 ``merge``       the merged dense weight (``merge_mode``: average ``W0 + D/N`` or jigsaw
@@ -16,14 +16,9 @@ follow the sampler (METHODS.md §2, paper Table 6):
 
 Typical trainer use::
 
-    from surgeon.methods.experts import inference, ensemble_logits, expert_count
-    model.eval()
-    with torch.no_grad():
-        if cfg["inference"] == "ensemble":
-            logits = ensemble_logits(model, images)
-        else:
-            with inference(model, cfg["inference"], expert=cfg["expert"], merge_mode=cfg["merge_mode"]):
-                logits = model(images)
+    from surgeon.methods.experts import evaluation, logits_of
+    with torch.no_grad(), evaluation(model, cfg.inference, expert=cfg.expert, merge_mode=cfg.merge_mode):
+        logits = logits_of(model, images, cfg.inference)      # ensemble: the mean of N passes
 
     with expert_groups(model, 2):       # batched consistency: one forward of 2B samples,
         logits = model(torch.cat([x, x]))  # each half with its own expert draws
@@ -42,10 +37,7 @@ import torch.nn as nn
 from surgeon.errors import UserError
 from surgeon.methods.base import ExpertSampler
 from surgeon.methods.matrices import ExpertSplitMatrix
-
-LAYER_MODES = ("merge", "stochastic", "fixed")
-INFERENCE_MODES = LAYER_MODES + ("ensemble",)
-MERGE_MODES = ("average", "jigsaw")
+from surgeon.methods.modes import INFERENCE_MODES, LAYER_MODES, MERGE_MODES
 
 
 def split_matrices(model: nn.Module) -> list[ExpertSplitMatrix]:
@@ -135,6 +127,35 @@ def expert_groups(model: nn.Module, groups: int) -> Iterator[None]:
             sampler.groups = saved
 
 
+@contextmanager
+def evaluation(model: nn.Module, mode: str = "merge", *, expert: int = 0, merge_mode: str = "average") -> Iterator[None]:
+    """Eval mode with the expert layers set for ``mode`` (``ensemble``: set per pass by
+    :func:`logits_of`), leaving no trace: afterwards the train/eval mode, the sampler settings,
+    the sampler's generator and torch's RNG are all as before, so evaluating more often does
+    not change what training draws."""
+    sampler = sampler_of(model)
+    generator_state = sampler.generator.get_state() if sampler is not None else None
+    torch_state = torch.get_rng_state()
+    was_training = model.training
+    model.eval()
+    try:
+        with inference(model, "merge" if mode == "ensemble" else mode, expert, merge_mode):
+            yield
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(torch_state)
+        if sampler is not None:
+            sampler.generator.set_state(generator_state)
+
+
+def logits_of(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Logits ``[B, K]`` of ``x`` under ``mode`` (call inside :func:`evaluation`); ``ensemble``
+    averages the logits of the N single-expert passes."""
+    if mode == "ensemble":
+        return ensemble_logits(model, x)
+    return model(x)
+
+
 def ensemble_logits(model: nn.Module, x: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """Mean of the logits of the N experts: N forward passes, pass i with every split matrix
     fixed to expert i (paper Table 6 "ensemble", N x cost). The model is run in eval mode and
@@ -174,5 +195,5 @@ def predict(model: nn.Module, x: torch.Tensor, mode: str = "merge", expert: int 
         model.train(was_training)
 
 
-__all__ = ["INFERENCE_MODES", "ensemble_logits", "expert_count", "expert_groups", "inference", "predict",
-           "sampler_of", "set_inference", "split_matrices"]
+__all__ = ["INFERENCE_MODES", "ensemble_logits", "evaluation", "expert_count", "expert_groups", "inference",
+           "logits_of", "predict", "sampler_of", "set_inference", "split_matrices"]

@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.methods.base import ExpertSampler, PatchContext
+from surgeon.methods.registry import Rule
 
 GRANULARITIES = ("all", "row", "column")
 MAX_EXPERTS = 255  # the expert index is stored as uint8
@@ -456,21 +457,21 @@ class PrunedMatrix(Matrix):
 
 # --------------------------------------------------------------------------- factory
 
-def make_matrix(init_weight: torch.Tensor, role: str, rule: dict, ctx: PatchContext,
+def make_matrix(init_weight: torch.Tensor, role: str, rule: Rule, ctx: PatchContext,
                 init_bias: torch.Tensor | None = None) -> Matrix:
     """The matrix strategy the rule asks for, holding ``init_weight`` (and ``init_bias``).
 
-    - ``rule["experts"]`` present and ``role`` in ``experts.sparse`` → :class:`ExpertSplitMatrix`
-      (``count``, ``granularity``, ``bias``), drawing from ``ctx.sampler``;
-    - ``rule["prune"]`` present and ``role`` in ``prune.matrices`` → :class:`PrunedMatrix`
-      (``keep``, ``bias``);
+    - ``rule.experts`` present and ``role`` in ``experts.sparse`` → :class:`ExpertSplitMatrix`
+      (``count``, ``granularity``, ``bias``, ``decay``), drawing from ``ctx.sampler``;
+    - ``rule.prune`` present and ``role`` in ``prune.matrices`` → :class:`PrunedMatrix`
+      (``keep``, ``bias``, ``pruned``);
     - otherwise → :class:`DenseMatrix`.
 
     Args:
         init_weight: the dense initial weight ``[out, in]`` on the target device (e.g. from
             :func:`kaiming_uniform` with ``ctx.init_generator``, or zeros).
         role: ``"down"`` or ``"up"``.
-        rule: the recipe rule (validated; missing sub-fields take the schema defaults).
+        rule: the typed rule (:func:`surgeon.recipe.rule` builds one from a partial mapping).
         ctx: the patch context (sampler, init generator).
         init_bias: initial bias ``[out]`` or None for a bias-free map.
 
@@ -479,28 +480,20 @@ def make_matrix(init_weight: torch.Tensor, role: str, rule: dict, ctx: PatchCont
     """
     if role not in ("down", "up"):
         raise ValueError(f"role must be 'down' or 'up', got {role!r}")
-    experts, prune = rule.get("experts"), rule.get("prune")
+    experts, prune = rule.experts, rule.prune
     if experts is not None and prune is not None:
         raise ValueError("a rule takes either experts (MoSA) or prune (SparseAdapter/SparseLoRA), not both")
-    if experts is not None and role in experts.get("sparse", ["up"]):
-        return ExpertSplitMatrix(role, init_weight, int(experts.get("count", 4)), ctx.sampler,
-                                 granularity=experts.get("granularity", "all"), init_bias=init_bias,
-                                 bias_mode=experts.get("bias", "per_expert"), decay=experts.get("decay", "toward_init"),
-                                 generator=ctx.init_generator)
-    if prune is not None and role in prune.get("matrices", ["down", "up"]):
-        if prune.get("score", "random") != "random":
-            raise ValueError(f"prune.score {prune['score']!r} is not supported (only 'random')")
-        return PrunedMatrix(role, init_weight, float(prune.get("keep", 0.25)), init_bias=init_bias,
-                            bias_mode=prune.get("bias", "pruned"), pruned=prune.get("pruned", "zero"),
-                            generator=ctx.init_generator)
+    if experts is not None and role in experts.sparse:
+        return ExpertSplitMatrix(role, init_weight, int(experts.count), ctx.sampler,
+                                 granularity=experts.granularity, init_bias=init_bias,
+                                 bias_mode=experts.bias, decay=experts.decay, generator=ctx.init_generator)
+    if prune is not None and role in prune.matrices:
+        if prune.score != "random":
+            raise ValueError(f"prune.score {prune.score!r} is not supported (only 'random')")
+        return PrunedMatrix(role, init_weight, float(prune.keep), init_bias=init_bias,
+                            bias_mode=prune.bias, pruned=prune.pruned, generator=ctx.init_generator)
     return DenseMatrix(role, init_weight, init_bias)
 
 
-def is_expert_split(rule: dict) -> bool:
-    """True if the rule splits at least one matrix into experts (MoSA/MoSL)."""
-    experts = rule.get("experts")
-    return experts is not None and bool(experts.get("sparse", ["up"]))
-
-
-__all__ = ["DenseMatrix", "ExpertSplitMatrix", "Matrix", "PrunedMatrix", "apply_linear", "is_expert_split",
-           "kaiming_uniform", "kept_count", "make_matrix", "random_keep_mask", "random_quantile_index"]
+__all__ = ["DenseMatrix", "ExpertSplitMatrix", "Matrix", "PrunedMatrix", "apply_linear", "kaiming_uniform", "kept_count",
+           "make_matrix", "random_keep_mask", "random_quantile_index"]

@@ -1,20 +1,69 @@
-"""Schema validation of a recipe: every problem at once, each at its YAML line, with hints.
+"""The recipe JSON Schema: assembled from the sections and the method registry, then used to
+validate a recipe (every problem at once, each at its YAML line, with hints) and to fill in its
+defaults so that code past this point reads complete data.
 
-Also fills in the schema's defaults so that code past this point reads complete dicts.
+``schemas/recipe.schema.json`` is the published copy of :func:`recipe_schema`, written by
+``python -m surgeon.recipe.schema_gen`` (a test fails when it is out of date).
 """
 from __future__ import annotations
 
 import copy
 import difflib
+from functools import lru_cache
 from typing import Any
 
 import jsonschema
 
-from surgeon.resources import recipe_schema
+from surgeon.methods.modifiers import MODIFIERS
+from surgeon.methods.registry import method_specs
 
+from . import sections as s
 from .loader import RawRecipe
 
 
+def _one_of(keys: list[str]) -> str:
+    quoted = [f"`{k}`" for k in keys]
+    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+
+
+@lru_cache(maxsize=1)
+def recipe_schema() -> dict:
+    """The recipe JSON Schema (draft 2020-12): the sections of :mod:`surgeon.recipe.sections`,
+    ``surgery`` rules made of every registered method's fragment and the modifiers'."""
+    specs = method_specs()
+    keys = list(specs)
+    surgery = {
+        "type": "array",
+        "default": [],
+        "description": (f"Target rules, applied in order. Each rule selects modules by name and gives them exactly "
+                        f"one method: {_one_of(keys)}. An empty list is linear probing (only the head trains)."),
+        "items": {"$ref": "#/$defs/rule"},
+    }
+    defs: dict[str, Any] = {"selector": s.SELECTOR_SCHEMA}
+    defs.update({name: fragment for name, (_, fragment) in MODIFIERS.items()})
+    rule_methods = {}
+    for key, spec in specs.items():
+        if spec.schema.get("type") == "object":
+            defs[key] = spec.schema
+            rule_methods[key] = {"$ref": f"#/$defs/{key}"}
+        else:
+            rule_methods[key] = spec.schema
+    defs["rule"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["target"],
+        "description": f"One target rule; exactly one of {', '.join(keys)}.",
+        "properties": {"target": {"$ref": "#/$defs/selector"}, **rule_methods,
+                       **{name: {"$ref": f"#/$defs/{name}"} for name in MODIFIERS}},
+        "oneOf": [{"required": [key]} for key in keys],
+    }
+    properties = {"name": s.NAME_SCHEMA, "description": s.DESCRIPTION_SCHEMA, "extends": s.EXTENDS_SCHEMA,
+                  "model": s.MODEL_SCHEMA, "data": s.DATA_SCHEMA, "surgery": surgery,
+                  "regularizers": s.REGULARIZERS_SCHEMA, "train": s.TRAIN_SCHEMA, "eval": s.EVAL_SCHEMA}
+    return copy.deepcopy({**s.FRAME, "properties": properties, "$defs": defs})
+
+
+@lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(recipe_schema())
 
@@ -65,7 +114,7 @@ def _describe(error: jsonschema.ValidationError, raw: RawRecipe) -> list[tuple[s
     if error.validator == "required":
         return [(where, _dotted(path), error.message.replace("'", "", 0), None)]
     if error.validator == "oneOf" and path and path[-2:-1] == ("surgery",):
-        methods = ["adapter", "lora", "mlae", "unfreeze"]
+        methods = list(method_specs())
         given = [m for m in methods if isinstance(error.instance, dict) and m in error.instance]
         if len(given) != 1:
             msg = ("a surgery rule needs exactly one method" if not given
@@ -106,10 +155,11 @@ def _sort_key(where: str):
     return (where, 0, 0)
 
 
-def fill_defaults(data: dict) -> dict:
-    """A copy of a schema-valid recipe with every defaulted field present."""
+def fill_defaults(data: dict, path: tuple = ()) -> dict:
+    """A copy of schema-valid ``data`` (the whole recipe, or the node at ``path``, e.g.
+    ``("train",)`` or ``("surgery", 0)``) with every defaulted field present."""
     schema = recipe_schema()
-    return _fill(copy.deepcopy(data), schema, schema)
+    return _fill(copy.deepcopy(data), _subschema_at(path), schema)
 
 
 def _fill(instance: Any, node: dict, schema: dict) -> Any:
@@ -124,3 +174,10 @@ def _fill(instance: Any, node: dict, schema: dict) -> Any:
     elif isinstance(instance, list) and "items" in node:
         instance = [_fill(item, node["items"], schema) for item in instance]
     return instance
+
+
+def valid_at(path: tuple, value: Any) -> bool:
+    """Whether ``value`` is valid for the schema node at ``path`` (e.g. ``("surgery", 0)``)."""
+    schema = recipe_schema()
+    node = {**_subschema_at(path), "$defs": schema["$defs"]}
+    return jsonschema.Draft202012Validator(node).is_valid(value)

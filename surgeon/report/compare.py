@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure as MplFigure
+
 from surgeon.errors import UserError
 
-from . import plots
 from .document import Bullets, Figure, Heading, Paragraph, to_markdown
 from .html import to_html
+from .plots import save_figure
 from .runs import RunData, is_run_dir, load_run_data
 from .tables import Table, duration, render_csv
 
@@ -367,7 +370,7 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, *, title: st
                         hint="pass --out DIR with a directory you can write to") from None
     comp = comparison(results)
     table = comparison_table(comp)
-    bars = plots.comparison_bars(comp, out / "plots" / "comparison.png")
+    bars = comparison_bars(comp, out / "plots" / "comparison.png")
     title = title or f"Comparison of {len(results)} runs"
     unfinished = [r for r in results if not r.finished]
     blocks = [Heading(title, 1),
@@ -405,3 +408,47 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
     results = collect_runs(run_dirs)
     return write_comparison(results, out_dir if out_dir is not None else default_out_dir(run_dirs), title=title,
                             extra_blocks=extra_blocks)
+
+
+def comparison_bars(comparison: Comparison, path: Path) -> Path | None:
+    """Grouped bars: one group per data set (and the Mean), one bar per method, ± std whiskers."""
+    groups = list(comparison.datasets)
+    has_mean = any(v is not None for v in comparison.row_mean.values())
+    if has_mean and len(groups) > 1:
+        groups.append("Mean")
+    methods = comparison.methods
+    if not groups or not methods:
+        return None
+    width = 0.8 / len(methods)
+    fig = MplFigure(figsize=(max(6.0, 1.2 + len(groups) * (0.35 + 0.22 * len(methods))), 4.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, method in enumerate(methods):
+        means, stds = [], []
+        for g in groups:
+            if g == "Mean":
+                mean = comparison.row_mean.get(method)
+                means.append(np.nan if mean is None else mean)
+                stds.append(np.nan)
+                continue
+            cell = comparison.cells.get((method, g))
+            means.append(np.nan if cell is None or cell.mean is None else cell.mean)
+            stds.append(np.nan if cell is None or cell.std is None else cell.std)
+        pos = x - 0.4 + width * (i + 0.5)
+        bars = ax.bar(pos, means, width, label=method, color=f"C{i % 10}")
+        has_std = ~np.isnan(stds)
+        # Whiskers only where there are several seeds: a zero-length whisker would claim no spread.
+        if has_std.any():
+            ax.errorbar(pos[has_std], np.asarray(means)[has_std], yerr=np.asarray(stds)[has_std], fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=2)
+        if len(groups) * len(methods) <= 30:
+            # Inside the bar, so the label never collides with a whisker above it.
+            ax.bar_label(bars, labels=["" if np.isnan(m) else f"{m:.1f}" for m in means], label_type="center",
+                         fontsize=7, color="white", rotation=90)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncols=1 if len(methods) <= 6 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("top-1 by method and data set (mean ± sample std over seeds)", fontsize=10)
+    return save_figure(fig, path)

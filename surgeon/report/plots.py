@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:  # imported for annotations only; avoids a cycle at import time
-    from .compare import Comparison
-    from .runs import RunData
+from .runs import RunData
 
 DPI = 100
 #: Confusion matrices print per-cell percentages up to this many classes; beyond, cells are too small.
@@ -25,7 +22,7 @@ ANNOTATE_MAX_CLASSES = 20
 NAMED_TICKS_MAX_CLASSES = 40
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -65,7 +62,7 @@ def _series(events: list[dict], key: str, scale: float = 1.0) -> tuple[np.ndarra
     return np.asarray(steps, float), np.asarray(values, float) * scale
 
 
-def training_curves(run: "RunData", path: Path) -> Path | None:
+def training_curves(run: RunData, path: Path) -> Path | None:
     """Loss, val top-1 and learning rate against the optimizer step, side by side.
 
     Returns:
@@ -122,7 +119,7 @@ def training_curves(run: "RunData", path: Path) -> Path | None:
         if not ax.has_data():
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(f"{run.name}: training" + ("" if run.finished else " (run did not finish)"), fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_counts(labels: list[int], preds: list[int], num_classes: int) -> np.ndarray:
@@ -181,7 +178,7 @@ def confusion_figure(labels: list[int], preds: list[int], class_names: list[str]
 def confusion_matrix(labels: list[int], preds: list[int], class_names: list[str] | None, path: Path,
                      title: str = "") -> Path:
     """:func:`confusion_figure` saved as a PNG at ``path``."""
-    return _save(confusion_figure(labels, preds, class_names, title), path)
+    return save_figure(confusion_figure(labels, preds, class_names, title), path)
 
 
 def similarity_plot(per_layer: list[tuple[str, float]], matrix: np.ndarray | None, path: Path,
@@ -221,48 +218,4 @@ def similarity_plot(per_layer: list[tuple[str, float]], matrix: np.ndarray | Non
         ax.set_title(matrix_title or "similarity matrix")
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
-
-
-def comparison_bars(comparison: "Comparison", path: Path) -> Path | None:
-    """Grouped bars: one group per data set (and the Mean), one bar per method, ± std whiskers."""
-    groups = list(comparison.datasets)
-    has_mean = any(v is not None for v in comparison.row_mean.values())
-    if has_mean and len(groups) > 1:
-        groups.append("Mean")
-    methods = comparison.methods
-    if not groups or not methods:
-        return None
-    width = 0.8 / len(methods)
-    fig = Figure(figsize=(max(6.0, 1.2 + len(groups) * (0.35 + 0.22 * len(methods))), 4.4), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(groups))
-    for i, method in enumerate(methods):
-        means, stds = [], []
-        for g in groups:
-            if g == "Mean":
-                mean = comparison.row_mean.get(method)
-                means.append(np.nan if mean is None else mean)
-                stds.append(np.nan)
-                continue
-            cell = comparison.cells.get((method, g))
-            means.append(np.nan if cell is None or cell.mean is None else cell.mean)
-            stds.append(np.nan if cell is None or cell.std is None else cell.std)
-        pos = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(pos, means, width, label=method, color=f"C{i % 10}")
-        has_std = ~np.isnan(stds)
-        # Whiskers only where there are several seeds: a zero-length whisker would claim no spread.
-        if has_std.any():
-            ax.errorbar(pos[has_std], np.asarray(means)[has_std], yerr=np.asarray(stds)[has_std], fmt="none",
-                        ecolor="black", elinewidth=0.8, capsize=2)
-        if len(groups) * len(methods) <= 30:
-            # Inside the bar, so the label never collides with a whisker above it.
-            ax.bar_label(bars, labels=["" if np.isnan(m) else f"{m:.1f}" for m in means], label_type="center",
-                         fontsize=7, color="white", rotation=90)
-    ax.set_xticks(x, groups)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, ncols=1 if len(methods) <= 6 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("top-1 by method and data set (mean ± sample std over seeds)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from surgeon.errors import UserError
+from surgeon.methods import registry
+from surgeon.recipe import rule as typed_rule
+from surgeon.recipe.schema import valid_at
 
 from . import plots
 from .document import Block, Bullets, Figure, Heading, Paragraph, to_markdown
@@ -33,85 +36,20 @@ _SHOWN_SUMMARY_SECTIONS = {"params", "timings", "merge", "class_names", "per_cla
 
 # ---- recipe in words -------------------------------------------------------------------
 
-def _selector(target) -> str:
-    if isinstance(target, (list, tuple)):
-        return ", ".join(f"`{t}`" for t in target)
-    return f"`{target}`"
-
-
 def _fmt(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _masking(m: dict) -> str:
-    strategy = m.get("strategy", "stochastic")
-    p = m.get("p", 0.5)
-    p_text = f"p = {_fmt(p)}" if not isinstance(p, list) else f"per-layer p = {', '.join(_fmt(v) for v in p)}"
-    if m.get("counts"):
-        alloc = "counts " + ", ".join(str(c) for c in m["counts"])
-    else:
-        alloc = f"{m.get('pattern') or 'unspecified'} pattern"
-    return {"stochastic": f"stochastic expert masking ({p_text}, kept experts scaled by 1/(1-p))",
-            "fixed": f"fixed per-layer expert counts ({alloc})",
-            "mixed": f"fixed per-layer expert counts ({alloc}) plus stochastic masking ({p_text})",
-            "none": "no masking (plain cellular LoRA)"}.get(strategy, f"masking {strategy}")
-
-
 def describe_rule(rule: dict, merge_mode: str = "average") -> str:
-    """One surgery rule as a sentence, e.g. "`blocks.*.mlp`: parallel bottleneck adapter (...)"."""
-    parts = []
-    if "adapter" in rule:
-        a = rule["adapter"] or {}
-        act = str(a.get("activation", "gelu"))
-        inner = [f"hidden {a.get('bottleneck', 64)}", {"gelu": "GELU", "relu": "ReLU", "silu": "SiLU"}.get(act, act)]
-        if a.get("layernorm"):
-            inner.append("LayerNorm on its input")
-        inner.append(f"scale {_fmt(a.get('scale', 0.1))}" + (" (learnable)" if a.get("learnable_scale") else ""))
-        parts.append(f"{a.get('placement', 'parallel')} bottleneck adapter ({', '.join(inner)})")
-    elif "lora" in rule:
-        lo = rule["lora"] or {}
-        rank = lo.get("rank", 16)
-        alpha = lo.get("alpha") or rank
-        text = f"LoRA rank {rank}, α {_fmt(alpha)} (scale {alpha / rank:g})"
-        if lo.get("dropout"):
-            text += f", input dropout {_fmt(lo['dropout'])}"
-        if lo.get("slices"):
-            text += f", on the {', '.join(lo['slices'])} slices of the fused layer"
-        parts.append(text)
-    elif "mlae" in rule:
-        m = rule["mlae"] or {}
-        rank, er = m.get("rank", 8), m.get("expert_rank", 1)
-        text = (f"MLAE rank {rank} as {rank // max(er, 1)} experts of rank {er}, "
-                f"λ initialised to {_fmt(m.get('coefficient_init', 1.0))}, {_masking(m.get('masking') or {})}")
-        if m.get("slices"):
-            text += f", on the {', '.join(m['slices'])} slices"
-        parts.append(text)
-    elif "unfreeze" in rule:
-        parts.append({"bias": "BitFit: the biases of the matched modules train",
-                      "all": "every parameter of the matched modules trains (full fine-tuning)"}.get(
-            rule["unfreeze"], f"unfreeze {rule['unfreeze']}"))
-    else:
-        parts.append("no method (malformed rule)")
-    # LoRA's down/up matrices are A/B and have no biases (MoSL, SparseLoRA).
-    down, up = ("A", "B") if "lora" in rule else ("down-projection", "up-projection")
-    if rule.get("experts"):
-        e = rule["experts"]
-        sparse = list(e.get("sparse", ["up"]))
-        kind = {("up",): f"hierarchical: dense {down}, split {up}",
-                ("down", "up"): f"flat: {down} and {up} split", (): "no matrix split"}.get(
-            tuple(sorted(sparse)), f"split {', '.join(sparse)}")
-        bias = "" if "lora" in rule else f", biases {e.get('bias', 'dense')}"
-        parts.append(f"split into {e.get('count', 4)} sparse experts ({kind}; quantiles over "
-                     f"{e.get('granularity', 'all')}{bias}; one expert drawn per split matrix at each training "
-                     f"step; merged by {merge_mode})")
-    if rule.get("prune"):
-        p = rule["prune"]
-        names = {"down": down, "up": up}
-        parts.append(f"pruned at surgery time to keep {100 * p.get('keep', 0.25):.0f}% of "
-                     f"{' and '.join(names.get(m, m) for m in p.get('matrices', ['down', 'up']))} "
-                     f"({p.get('score', 'random')} score"
-                     + (f", biases {p['bias']})" if "adapter" in rule and p.get("bias") else ")"))
-    return f"{_selector(rule.get('target', '?'))}: " + "; ".join(parts)
+    """One surgery rule of a run's recipe as a sentence, e.g. "`blocks.*.mlp`: parallel bottleneck
+    adapter (...)": its method's description (:func:`surgeon.methods.registry.describe_rule`),
+    with the schema's defaults for what the mapping leaves out. A rule that is not valid (a run
+    written by another version) is named as such instead."""
+    if isinstance(rule, dict) and valid_at(("surgery", 0), rule):
+        return registry.describe_rule(typed_rule(rule), merge_mode)
+    target = rule.get("target", "?") if isinstance(rule, dict) else "?"
+    selector = ", ".join(f"`{t}`" for t in target) if isinstance(target, (list, tuple)) else f"`{target}`"
+    return f"{selector}: no method (malformed rule)"
 
 
 def training_bullets(recipe: dict, run: RunData) -> list[str]:

@@ -13,18 +13,16 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from surgeon.errors import UserError
+from surgeon.rundir import dataset_short_name
 
 #: Files whose presence makes a directory a run directory (either is enough).
 RUN_MARKERS = ("metrics.jsonl", "recipe.yaml")
-
-#: Path components that name a split, not a data set (``imagefolder:data/cub/train`` is "cub").
-_GENERIC_PARTS = {"train", "val", "valid", "validation", "test", "images", "data", "train800val200", ""}
 
 
 @dataclass
@@ -239,23 +237,6 @@ def _parse_iso(value) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         return None
-
-
-def dataset_short_name(source: str) -> str:
-    """The column name of a data set in comparisons: ``builtin:digits`` → ``digits``,
-    ``vtab1k:/data/vtab/cifar`` → ``cifar``, ``imagefolder:data/cub/train`` → ``cub``."""
-    scheme, sep, arg = str(source).partition(":")
-    if not sep:
-        return str(source)
-    if scheme == "builtin":
-        return arg
-    path = PurePath(arg.rstrip("/\\"))
-    if scheme == "filelist":
-        path = path.with_suffix("")
-    for part in reversed(path.parts):
-        if part.lower() not in _GENERIC_PARTS:
-            return part
-    return arg or scheme
 
 
 def is_run_dir(path: Path) -> bool:

@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from surgeon.errors import RecipeError, UserError
-from surgeon.methods.base import ExpertSampler, PatchContext, SurgeryLayer, get_method
+from surgeon.methods.base import ExpertSampler, PatchContext, RuleContext, SurgeryLayer, get_method
+from surgeon.methods.modes import MERGE_MODES
+from surgeon.methods.registry import Rule
 
 from .selectors import select_modules
 
-RULE_KEYS = ("adapter", "lora", "mlae", "unfreeze")
 Locate = Callable[[tuple], str]
 
 
@@ -64,10 +65,6 @@ class SurgeryPlan:
         return out
 
 
-def rule_method_key(rule: dict) -> str:
-    return next(k for k in RULE_KEYS if k in rule)
-
-
 def _selector_text(selector) -> str:
     return selector if isinstance(selector, str) else ", ".join(selector)
 
@@ -94,9 +91,9 @@ def _parent_map(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
             for parent in model.modules() for attr, child in parent.named_children()}
 
 
-def apply_surgery(model: nn.Module, rules: list[dict], *, seed: int = 0,
+def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, seed: int = 0,
                   locate: Locate | None = None, probe: bool = True) -> SurgeryPlan:
-    """Patch ``model`` in place according to ``rules`` (the recipe's ``surgery`` list).
+    """Patch ``model`` in place according to ``rules`` (the recipe's typed ``surgery``).
 
     Freezes the backbone, applies every rule, keeps the classifier head trainable, attaches
     the shared :class:`ExpertSampler` as ``model.surgeon_sampler`` and, if ``probe``, runs one
@@ -126,24 +123,23 @@ def apply_surgery(model: nn.Module, rules: list[dict], *, seed: int = 0,
     named = dict(model.named_modules())
     resolved = []
     for i, rule in enumerate(rules):
-        names = select_modules(model, rule["target"])
+        names = select_modules(model, rule.target)
         resolved.append([(n, named[n]) for n in names])
 
     parents = _parent_map(model)
     current: dict[int, nn.Module] = {}  # id(original module) -> its replacement
     patched: list[tuple[int, str, SurgeryLayer]] = []
     for i, (rule, matches) in enumerate(zip(rules, resolved)):
-        key = rule_method_key(rule)
-        method = get_method(key)
-        name_shown = method.display_name(rule)
+        method = get_method(rule.method)
+        name_shown = rule.spec.display_name(rule)
         where = locate(("surgery", i, "target"))
-        sel = _selector_text(rule["target"])
+        sel = _selector_text(rule.target)
         plan_matches.append({"rule": i, "selector": sel, "method": name_shown, "count": len(matches)})
         if not matches:
             problems.append((where, f"surgery.{i}.target", f"selector '{sel}' matches no module of {type(model).__name__}",
-                             _nearby_names(model, rule["target"])))
+                             _nearby_names(model, rule.target)))
             continue
-        if key != "unfreeze":
+        if not method.trains_own_parameters:
             heads = [n for n, m in matches if id(m) in head_modules]
             if heads:
                 problems.append((where, f"surgery.{i}.target",
@@ -161,12 +157,19 @@ def apply_surgery(model: nn.Module, rules: list[dict], *, seed: int = 0,
         else:
             matches = [(n, m) for n, m in matches if not method.cannot_patch(n, m, rule)]
             if not matches:
-                problems.append((where, f"surgery.{i}.target",
-                                 f"'{sel}' matches no module with parameters to unfreeze ({rule['unfreeze']})", None))
+                problems.append((where, f"surgery.{i}.target", method.nothing_to_patch(sel, rule), None))
                 continue
+        # Per-rule state (e.g. MLAE's allocation over the matched layers), computed once.
+        try:
+            state = method.prepare(RuleContext(rule=rule, rule_index=i,
+                                               matches=[(n, current.get(id(m), m)) for n, m in matches],
+                                               sampler=sampler, init_generator=init_generator, root=model))
+        except ValueError as exc:  # the rule does not fit its matches
+            problems.append((locate(("surgery", i)), f"surgery.{i}", f"{matches[0][0]}: {exc}", None))
+            continue
         for j, (mod_name, module) in enumerate(matches):
             ctx = PatchContext(rule=rule, rule_index=i, layer_index=j, num_layers=len(matches),
-                               sampler=sampler, init_generator=init_generator, root=model)
+                               sampler=sampler, init_generator=init_generator, root=model, state=state)
             target_module = current.get(id(module), module)
             try:
                 before = {id(p) for p in target_module.parameters() if p.requires_grad}
@@ -268,8 +271,8 @@ def merge(model: nn.Module, mode: str = "average") -> nn.Module:
     Returns:
         the same model object (for chaining).
     """
-    if mode not in ("average", "jigsaw"):
-        raise ValueError(f"merge mode must be 'average' or 'jigsaw', not {mode!r}")
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge mode must be {' or '.join(repr(m) for m in MERGE_MODES)}, not {mode!r}")
     while True:
         layers = surgery_layers(model)
         # Deepest first, so a wrapper merges after whatever it wraps.

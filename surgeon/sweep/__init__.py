@@ -13,7 +13,8 @@ Optuna is an optional extra (``pip install 'surgeon[sweep]'``), imported when a 
 """
 from __future__ import annotations
 
-from .runner import EdgeNote, FinalResult, SweepResult, SweepSpec, TrialResult, prepare_spec, run_sweep
+from .results import EdgeNote, FinalResult, SweepResult, SweepSpec, TrialResult
+from .runner import prepare_spec, run_sweep
 from .space import configurations, next_edge_value, parse_grid, validate_grid
 
 __all__ = ["EdgeNote", "FinalResult", "SweepResult", "SweepSpec", "TrialResult", "configurations",

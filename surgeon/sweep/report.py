@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure as MplFigure
 
+from surgeon.io import write_json
 from surgeon.report.document import Bullets, Figure, Heading, Paragraph, to_markdown
 from surgeon.report.html import to_html
-from surgeon.report.plots import _save
+from surgeon.report.plots import save_figure
 from surgeon.report.tables import Table, duration, render_markdown
 from surgeon.sweep import space
-
-if TYPE_CHECKING:
-    from surgeon.sweep.runner import SweepResult, TrialResult
+from surgeon.sweep.results import SweepResult
 
 EDGE_MARK = "◂edge"
 
@@ -27,7 +25,7 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
-def _link(result: "SweepResult", rel: str | None) -> str:
+def _link(result: SweepResult, rel: str | None) -> str:
     if not rel:
         return "—"
     if (result.out / rel / "report.md").is_file():
@@ -44,7 +42,7 @@ def _state_text(r) -> str:
     return r.state
 
 
-def reasons(result: "SweepResult") -> list[str]:
+def reasons(result: SweepResult) -> list[str]:
     """One line per trial or final run that ended without a result: why."""
     out = []
     for r in result.trials:
@@ -57,7 +55,7 @@ def reasons(result: "SweepResult") -> list[str]:
     return out
 
 
-def trials_table(result: "SweepResult", *, links: bool = True, title: str = "") -> Table:
+def trials_table(result: SweepResult, *, links: bool = True, title: str = "") -> Table:
     """One row per configuration: its values, state, val top-1 at the end and at the best epoch,
     train time, attempts, run directory (a link to its report when ``links``)."""
     keys = list(result.grid)
@@ -77,7 +75,7 @@ def trials_table(result: "SweepResult", *, links: bool = True, title: str = "") 
                  ["r", *(["r"] * len(keys)), "l", "r", "r", "r", "r", "l"], title=title, notes=notes)
 
 
-def best_table(result: "SweepResult") -> Table:
+def best_table(result: SweepResult) -> Table:
     edges = {e.key: e for e in result.edges}
     rows = []
     for k, v in result.best.config.items():
@@ -89,7 +87,7 @@ def best_table(result: "SweepResult") -> Table:
                  if result.edges else [])
 
 
-def finals_table(result: "SweepResult", *, links: bool = True) -> Table:
+def finals_table(result: SweepResult, *, links: bool = True) -> Table:
     rows = []
     for f in result.finals:
         split = f" ({f.split})" if f.split and f.split != "test" else ""
@@ -111,7 +109,7 @@ def _sort_key(v):
     return (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, json.dumps(v, sort_keys=True))
 
 
-def score_plot(result: "SweepResult", path: Path) -> Path | None:
+def score_plot(result: SweepResult, path: Path) -> Path | None:
     """One panel per searched key: val top-1 at the end of each complete trial against the
     key's value (dots), the best over the other keys per value (line), the chosen one (star);
     pruned trials hollow, failed ones as red crosses at the bottom."""
@@ -165,10 +163,10 @@ def score_plot(result: "SweepResult", path: Path) -> Path | None:
     axes[0].set_ylabel("val top-1 (%)")
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("val top-1 at the end of the schedule against each searched value", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def report_blocks(result: "SweepResult", base_dir: Path) -> list:
+def report_blocks(result: SweepResult, base_dir: Path) -> list:
     n_done = sum(1 for r in result.trials if r.state == "complete")
     counts = {}
     for r in result.trials:
@@ -222,14 +220,12 @@ def report_blocks(result: "SweepResult", base_dir: Path) -> list:
     return blocks
 
 
-def write_sweep_report(result: "SweepResult") -> Path:
+def write_sweep_report(result: SweepResult) -> Path:
     """Write ``report.md``, ``report.html``, ``result.json`` and the plot into ``result.out``.
 
     Returns:
         the path of ``report.md``.
     """
-    from surgeon.run import write_json
-
     out = Path(result.out)
     out.mkdir(parents=True, exist_ok=True)
     blocks = report_blocks(result, out)
@@ -240,7 +236,7 @@ def write_sweep_report(result: "SweepResult") -> Path:
     return md
 
 
-def tie_text(result: "SweepResult") -> str:
+def tie_text(result: SweepResult) -> str:
     """`` Tied with trial 13 ...`` when other configurations reach the best score."""
     b = result.best
     ties = [r for r in result.trials if r is not b and r.state == "complete" and r.val_last == b.val_last]
@@ -250,7 +246,7 @@ def tie_text(result: "SweepResult") -> str:
             "the higher best-epoch val top-1, then the earlier trial.")
 
 
-def summary_text(result: "SweepResult") -> str:
+def summary_text(result: SweepResult) -> str:
     """The console summary: the trials table, the best configuration, the final result."""
     parts = [render_markdown(trials_table(result, links=False, title=f"Trials ({result.sampler} sampler), "
                                                                      f"in {result.out}"))]

@@ -24,20 +24,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
+from surgeon.apply import apply_recipe, prepare
 from surgeon.errors import UserError
+from surgeon.io import read_json, write_json
+from surgeon.merge_run import merge_run
+from surgeon.recipe import load_recipe
+from surgeon.rundir import dataset_short_name, merged_kind, read_run_recipe, recipe_differences
+from surgeon.runload import load_run_recipe
 from surgeon.sweep import space
 from surgeon.sweep import study as st
+from surgeon.sweep.report import write_sweep_report
+from surgeon.sweep.results import EdgeNote, FinalResult, SweepResult, SweepSpec, TrialResult
+from surgeon.train import TrainingDiverged, TrainingStopped
 
 #: Pruning (``--prune``): no pruning before this many trials are complete ...
 PRUNE_STARTUP_TRIALS = 3
@@ -46,136 +58,6 @@ PRUNE_WARMUP_FRACTION = 1 / 3
 SAMPLERS = ("grid", "tpe")
 # TPE: consecutive re-proposals of finished configurations before the next untried grid point is queued.
 TPE_MAX_DUPLICATES = 5
-
-
-@dataclass
-class SweepSpec:
-    """Everything a worker needs (plain data: it is sent to worker processes).
-
-    Attributes:
-        recipe: recipe file or built-in name.
-        grid: ``{key: [values]}`` (see :mod:`surgeon.sweep.space`).
-        overrides: the ``--set`` overrides applied to every trial and final run.
-        sampler: ``grid`` (every combination) or ``tpe`` (``trials`` configurations chosen by
-            Optuna's TPE among the grid's values).
-        seeds: ``train.seed`` of each final run (empty: no final runs).
-        poll_s: seconds between looks at the storage while other workers hold the last trials.
-        heartbeat_s / stale_after_s: a worker on another host is presumed dead after
-            ``stale_after_s`` seconds without a heartbeat.
-    """
-
-    recipe: str
-    grid: dict
-    out: str
-    study: str
-    model: str | None = None
-    data: str | None = None
-    overrides: list = field(default_factory=list)
-    sampler: str = "grid"
-    trials: int | None = None
-    seeds: list = field(default_factory=list)
-    prune: bool = False
-    extend_edges: bool = False
-    storage: str | None = None
-    workers: int = 1
-    poll_s: float = 5.0
-    heartbeat_s: float = 30.0
-    stale_after_s: float = 600.0
-    sampler_seed: int = 0
-    digest: str = ""
-
-
-@dataclass
-class TrialResult:
-    """One configuration of the grid and its result (accuracies in percent, times in seconds)."""
-
-    number: int
-    index: int
-    config: dict
-    state: str  # complete, pruned, failed, interrupted, running, waiting
-    val_last: float | None = None
-    val_best: float | None = None
-    seconds: float | None = None
-    steps: int | None = None
-    run_dir: str | None = None  # relative to the sweep directory
-    reason: str | None = None
-    attempts: int = 1
-    failure: str | None = None  # diverged / error / interrupted / crashed (failed trials)
-
-
-@dataclass
-class FinalResult:
-    """One final run (protocol final) of the best configuration."""
-
-    seed: int
-    state: str
-    test_top1: float | None = None
-    val_top1: float | None = None  # best val top-1 (val is inside train under the final protocol)
-    split: str | None = None       # where ``test_top1`` comes from: test, or val when there is no test split
-    seconds: float | None = None
-    run_dir: str | None = None
-    reason: str | None = None
-
-
-@dataclass
-class EdgeNote:
-    """A best value on the edge of its key's grid."""
-
-    key: str
-    value: Any
-    side: str        # low / high
-    note: str        # what was done about it
-
-
-@dataclass
-class SweepResult:
-    """What :func:`run_sweep` found. Accuracies in percent, times in seconds."""
-
-    out: Path
-    study: str
-    storage: str
-    recipe: str
-    data: str | None
-    model: str | None
-    sampler: str
-    base_grid: dict
-    grid: dict                      # with the values --extend-edges added
-    trials: list[TrialResult]
-    best: TrialResult | None
-    edges: list[EdgeNote]
-    finals: list[FinalResult]
-    seeds: list[int]
-    overrides: list = field(default_factory=list)
-    extend_edges: bool = False
-    report: Path | None = None
-
-    @property
-    def best_config(self) -> dict | None:
-        return dict(self.best.config) if self.best else None
-
-    @property
-    def test_values(self) -> list[float]:
-        return [f.test_top1 for f in self.finals if f.state == "complete" and f.test_top1 is not None]
-
-    @property
-    def test_mean(self) -> float | None:
-        v = self.test_values
-        return statistics.fmean(v) if v else None
-
-    @property
-    def test_std(self) -> float | None:
-        """Sample standard deviation over seeds (None with fewer than two)."""
-        v = self.test_values
-        return statistics.stdev(v) if len(v) > 1 else None
-
-    def to_json(self) -> dict:
-        return {"out": str(self.out), "study": self.study, "storage": self.storage, "recipe": self.recipe,
-                "data": self.data, "model": self.model, "sampler": self.sampler, "base_grid": self.base_grid,
-                "grid": self.grid, "trials": [asdict(t) for t in self.trials],
-                "best": asdict(self.best) if self.best else None, "edges": [asdict(e) for e in self.edges],
-                "finals": [asdict(f) for f in self.finals], "seeds": self.seeds, "overrides": self.overrides,
-                "extend_edges": self.extend_edges, "best_config": self.best_config,
-                "test_mean": self.test_mean, "test_std": self.test_std}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -225,6 +107,7 @@ def _distribution(values: list, sampler: str):
     """The Optuna distribution recording a key's value. Numeric keys of a grid sweep are
     int/float ranges (their range may grow with --extend-edges; Optuna refuses categorical
     choices that change), everything else categorical over labels."""
+    # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -241,6 +124,7 @@ def _label(v: Any):
 
 
 def _param(v: Any, dist) -> Any:
+    # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
     from optuna.distributions import CategoricalDistribution
 
     return _label(v) if isinstance(dist, CategoricalDistribution) else v
@@ -347,6 +231,7 @@ class _Worker:
         return status
 
     def _dist(self, phase: str, key: str, value: Any):
+        # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
         from optuna.distributions import IntDistribution
 
         if phase == "final" and key == "train.seed":
@@ -559,8 +444,6 @@ class _Worker:
 
     def _train(self, run_dir: Path, overrides: list[str], on_validate, *, final: bool) -> tuple[dict, list[dict]]:
         """Train (or resume, or only read) the run in ``run_dir``; returns its summary and events."""
-        from surgeon.run import read_json
-
         spec = self.spec
         self._set_aside_if_foreign(run_dir, overrides)
         summary_path = run_dir / "summary.json"
@@ -578,18 +461,15 @@ class _Worker:
     def _set_aside_if_foreign(self, run_dir: Path, overrides: list[str]) -> None:
         """A run directory left by another configuration (a deleted study, a new best
         configuration for the final runs) is moved to ``OUT/replaced/``, not mixed in."""
-        from surgeon.recipe import load_recipe
-        from surgeon.run import normalize_recipe, read_run_recipe, recipe_differences
-
         if not (run_dir / "recipe.yaml").is_file():
             return
-        expected = load_recipe(self.spec.recipe, overrides, model=self.spec.model, data=self.spec.data)
-        normalize_recipe(expected)
+        expected = load_recipe(self.spec.recipe, overrides, model=self.spec.model,
+                               data=self.spec.data).with_absolute_paths()
         try:
             old = read_run_recipe(run_dir)
         except UserError:
             old = None
-        diffs = [] if old is None else [d for d in recipe_differences(old, expected.data)
+        diffs = [] if old is None else [d for d in recipe_differences(old, expected.to_dict())
                                         if not d.startswith("model.num_classes")]
         if old is not None and not diffs:
             return
@@ -600,19 +480,14 @@ class _Worker:
                            f"({'; '.join(diffs[:2]) or 'unreadable recipe'}): moved to {target}", markup=False)
 
     def _merge_if_missing(self, run_dir: Path) -> None:
-        from surgeon.merge_run import merge_run
-        from surgeon.run import merged_kind, read_run_recipe
-
-        recipe = read_run_recipe(run_dir)
-        if recipe.get("train", {}).get("merge") and merged_kind(run_dir) is None:
-            merge_run(run_dir, mode=recipe.get("eval", {}).get("merge_mode"))
+        recipe = load_run_recipe(run_dir)
+        if recipe.train.merge and merged_kind(run_dir) is None:
+            merge_run(run_dir, mode=recipe.eval.merge_mode)
 
     def _failed(self, study, trial, exc: Exception, label: str, seconds: float) -> None:
         """A trial that ended without a result: pruned, diverged, refused (UserError, out of
         memory) are recorded; anything else is a bug: recorded as crashed (run again next time)
         and re-raised."""
-        from surgeon.train.trainer import TrainingDiverged, TrainingStopped
-
         if isinstance(exc, TrainingStopped):
             trial.set_user_attr("reason", exc.reason)
             trial.set_user_attr("seconds", seconds)
@@ -729,9 +604,7 @@ class _Worker:
 
 
 def _apply(*args, **kwargs):
-    """:func:`surgeon.train.apply.apply_recipe` (one name to patch in tests)."""
-    from surgeon.train.apply import apply_recipe
-
+    """:func:`surgeon.apply.apply_recipe` (one name to patch in tests)."""
     return apply_recipe(*args, **kwargs)
 
 
@@ -878,9 +751,6 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
         UserError: Optuna missing, a bad grid (every problem listed), a recipe that does not
             load, inconsistent options, or an output directory that holds another sweep.
     """
-    from surgeon.recipe import load_recipe
-    from surgeon.report.runs import dataset_short_name
-
     st.import_optuna()
     grid, grid_problems = space.parse_grid_problems(grid)
     overrides = list(overrides or [])
@@ -907,15 +777,15 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
     base = load_recipe(recipe, overrides, model=model, data=data)  # the recipe itself must load first
     space.validate_grid(recipe, grid, model=model, data=data, overrides=overrides, problems=grid_problems)
     parsed = parse_seeds(seeds)
-    seed_list = parsed if parsed is not None else [base["train"]["seed"]]
+    seed_list = parsed if parsed is not None else [base.train.seed]
     # The sweep's identity: the resolved recipe (as written: relative paths stay relative, so
     # the same command on several machines names the same study), the grid and the sampler.
-    digest = _hash({"recipe": base.data, "grid": grid, "sampler": sampler})
-    name = f"{base.name}-{dataset_short_name(base['data']['source'])}-{digest}"
+    digest = _hash({"recipe": base.to_dict(), "grid": grid, "sampler": sampler})
+    name = f"{base.name}-{dataset_short_name(base.data.source)}-{digest}"
     spec = SweepSpec(recipe=recipe, grid=grid, out=str(Path(out) if out else Path("runs") / "sweeps" / name),
                      study=study or name, digest=digest, model=model, data=data, overrides=overrides,
                      sampler=sampler, trials=trials, seeds=seed_list, prune=prune, extend_edges=extend_edges,
-                     storage=storage, workers=workers, sampler_seed=base["train"]["seed"], **timing)
+                     storage=storage, workers=workers, sampler_seed=base.train.seed, **timing)
     _check_sweep_dir(spec)
     return spec
 
@@ -948,8 +818,6 @@ def _check_sweep_dir(spec: SweepSpec) -> None:
 
 
 def _write_sweep_json(spec: SweepSpec, storage_text: str) -> None:
-    from surgeon.run import write_json
-
     root = Path(spec.out)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "sweep.json", {
@@ -964,8 +832,6 @@ def _preflight(spec: SweepSpec) -> int:
     """Build the first trial's data and check its weights (what ``surgeon apply`` checks before
     a run directory exists), so a bad data source or weights file stops the sweep in seconds
     instead of failing every trial. Returns the training images of a trial."""
-    from surgeon.train.apply import prepare
-
     config = space.configurations(spec.grid)[0]
     _, splits = prepare(spec.recipe, model=spec.model, data=spec.data, overrides=tune_overrides(spec, config))
     if splits.val is None or len(splits.val) == 0:
@@ -976,10 +842,6 @@ def _preflight(spec: SweepSpec) -> int:
 
 def _worker_process(spec_dict: dict, index: int, log_path: str) -> None:
     """Entry point of a ``--workers`` process (spawned: a fresh interpreter)."""
-    import sys
-
-    import torch
-
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec_dict["workers"])))
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -1042,8 +904,6 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
     procs = []
     log_file = None
     if spec.workers > 1:
-        import multiprocessing
-
         ctx = multiprocessing.get_context("spawn")
         logs = root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -1073,8 +933,6 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
                           markup=False)
     result = build_result(spec, worker)
     if report:
-        from surgeon.sweep.report import write_sweep_report
-
         result.report = write_sweep_report(result)
     return result
 

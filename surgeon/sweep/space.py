@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from surgeon.errors import RecipeError, UserError
+from surgeon.recipe import load_recipe
 from surgeon.recipe.loader import RecipeLoader
 
 #: Keys a grid may not search, and why (the sweep itself sets them).
@@ -181,8 +182,6 @@ def validate_grid(recipe: str, grid: Grid, *, model: str | None = None, data: st
 def grid_problems(recipe: str, grid: Grid, *, model: str | None = None, data: str | None = None,
                   overrides: list[str] | None = None) -> list[str]:
     """One line per value (or combination) :func:`surgeon.recipe.load_recipe` refuses."""
-    from surgeon.recipe import load_recipe
-
     base = list(overrides or [])
     problems = []
     for key, values in grid.items():
@@ -206,8 +205,6 @@ def grid_problems(recipe: str, grid: Grid, *, model: str | None = None, data: st
 def value_problems(recipe: str, key: str, value: Any, *, model: str | None = None, data: str | None = None,
                    overrides: list[str] | None = None) -> list[str]:
     """What :func:`surgeon.recipe.load_recipe` says about one ``key=value`` (empty: valid)."""
-    from surgeon.recipe import load_recipe
-
     try:
         load_recipe(recipe, list(overrides or []) + [override_text(key, value)], model=model, data=data)
     except UserError as exc:

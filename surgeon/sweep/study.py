@@ -50,7 +50,7 @@ _ACTIVE_TOKENS: set[str] = set()
 def import_optuna():
     """The ``optuna`` module, quiet; a :class:`UserError` naming the extra when it is missing."""
     try:
-        import optuna
+        import optuna  # the optional `sweep` extra: a clear error below when it is missing
     except ImportError:
         raise UserError("surgeon sweep needs Optuna, which is not installed",
                         hint=INSTALL_HINT) from None
@@ -72,6 +72,7 @@ def open_storage(url: str | None, default_file: Path):
     (``postgresql://user:pw@host/db``, ``mysql+pymysql://...``, ``sqlite:///file.db``).
     """
     optuna = import_optuna()
+    # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -85,6 +86,7 @@ def open_storage(url: str | None, default_file: Path):
                             where="--storage", hint="pass --storage with a writable file or a database URL") from None
     try:
         if url.startswith(("redis://", "rediss://", "unix://")):
+            # optuna's Redis backend imports the redis client: only for a redis:// storage
             from optuna.storages.journal import JournalRedisBackend
 
             return JournalStorage(JournalRedisBackend(url)), masked(url)
@@ -244,6 +246,7 @@ def trial_id(trial) -> int:
 def mark_failed(study, storage, trial, failure: str, reason: str) -> None:
     """Record a failure on a trial (of this worker or an abandoned one); quiet if another
     worker finished it first."""
+    # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
     from optuna.exceptions import UpdateFinishedTrialError
 
     try:
@@ -256,6 +259,7 @@ def mark_failed(study, storage, trial, failure: str, reason: str) -> None:
 
 def trial_state(name: str):
     """``optuna.trial.TrialState[name]``."""
+    # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
     from optuna.trial import TrialState
 
     return TrialState[name]
@@ -263,6 +267,7 @@ def trial_state(name: str):
 
 def suggest(trial, name: str, dist):
     """``trial.suggest_*`` for a distribution (returns a queued trial's fixed value)."""
+    # optuna: the optional `sweep` extra, imported once a sweep runs (import_optuna names the extra)
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(dist, CategoricalDistribution):

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.errors import UserError
+from surgeon.methods.experts import expert_groups
+from surgeon.recipe.sections import RegularizersConfig
 
 IDENTICAL_PASSES_WARNING = 20  # consecutive steps
 _BLOCK_NAME = re.compile(r"(^|.*\.)(blocks|layers)\.(\d+)$")
@@ -100,17 +102,17 @@ class Objective:
 
     Args:
         model: the patched model (its ``surgeon_sampler`` is used for the batched variant).
-        reg_cfg: the recipe's ``regularizers`` section.
+        reg_cfg: the recipe's typed ``regularizers`` section.
 
     Call ``objective(model, x, y)`` with ``x [B, C, H, W]``, ``y [B]``; returns a dict of scalar
     tensors ``loss`` (to backpropagate), ``ce``, ``consistency``, ``alignment`` (the unweighted
     terms; 0 when off).
     """
 
-    def __init__(self, model: nn.Module, reg_cfg: dict):
-        self.alpha = float(reg_cfg["consistency"]["weight"])
-        self.beta = float(reg_cfg["feature_alignment"]["weight"])
-        self.batched = bool(reg_cfg["consistency"]["batched"])
+    def __init__(self, model: nn.Module, reg_cfg: RegularizersConfig):
+        self.alpha = float(reg_cfg.consistency.weight)
+        self.beta = float(reg_cfg.feature_alignment.weight)
+        self.batched = bool(reg_cfg.consistency.batched)
         self.two_passes = self.alpha > 0 or self.beta > 0
         self.features = None
         self.num_blocks = None
@@ -125,9 +127,9 @@ class Objective:
                                 "(no module named like blocks.N or layers.N)",
                                 where="regularizers.feature_alignment",
                                 hint="set regularizers.feature_alignment.weight to 0 for this model")
-            chosen = blocks[parse_block_slice(reg_cfg["feature_alignment"]["blocks"])]
+            chosen = blocks[parse_block_slice(reg_cfg.feature_alignment.blocks)]
             if not chosen:
-                raise UserError(f"feature_alignment.blocks '{reg_cfg['feature_alignment']['blocks']}' selects none of "
+                raise UserError(f"feature_alignment.blocks '{reg_cfg.feature_alignment.blocks}' selects none of "
                                 f"the model's {len(blocks)} blocks", where="regularizers.feature_alignment.blocks",
                                 hint=f"use a slice within 0:{len(blocks)}")
             self.features = BlockFeatures(chosen)
@@ -147,8 +149,6 @@ class Objective:
             ce = F.cross_entropy(logits.float(), y)
             return {"loss": ce, "ce": ce, "consistency": zero, "alignment": zero}
         if self.batched:
-            from surgeon.methods.experts import expert_groups
-
             with expert_groups(model, 2):
                 logits, feats = self._forward(model, torch.cat([x, x]))
             z1, z2 = logits.chunk(2)

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_weight_decay
+
+from surgeon.methods.matrices import ExpertSplitMatrix
+from surgeon.recipe.sections import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -45,24 +49,24 @@ class StepBudget:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def step_budget(train_cfg: dict, num_train: int) -> StepBudget:
+def step_budget(train_cfg: TrainConfig, num_train: int) -> StepBudget:
     """Steps per epoch, total steps and warm-up steps for ``num_train`` training images.
 
     The last incomplete batch is dropped (every step sees ``batch_size`` images, as in the
     papers' timm loaders) unless the split is smaller than one batch, in which case each epoch
     is that one short batch.
     """
-    batch = train_cfg["batch_size"]
+    batch = train_cfg.batch_size
     drop_last = num_train >= batch
     steps_per_epoch = num_train // batch if drop_last else 1
-    total = train_cfg["epochs"] * steps_per_epoch
-    if train_cfg.get("max_steps"):
-        total = min(total, int(train_cfg["max_steps"]))
-    if train_cfg.get("warmup_steps") is not None:
-        warmup = int(train_cfg["warmup_steps"])
+    total = train_cfg.epochs * steps_per_epoch
+    if train_cfg.max_steps:
+        total = min(total, int(train_cfg.max_steps))
+    if train_cfg.warmup_steps is not None:
+        warmup = int(train_cfg.warmup_steps)
     else:
-        warmup = int(round(float(train_cfg["warmup_epochs"]) * steps_per_epoch))
-    if train_cfg.get("lr_step") == "epoch":
+        warmup = int(round(float(train_cfg.warmup_epochs) * steps_per_epoch))
+    if train_cfg.lr_step == "epoch":
         # The schedule moves once per epoch: warm-up is whole epochs, clamped to half the epochs.
         epochs = math.ceil(total / steps_per_epoch)
         requested = math.ceil(warmup / steps_per_epoch)
@@ -71,11 +75,11 @@ def step_budget(train_cfg: dict, num_train: int) -> StepBudget:
     return StepBudget(steps_per_epoch, total, min(warmup, total // 2), drop_last, warmup)
 
 
-def peak_lr(train_cfg: dict) -> float:
+def peak_lr(train_cfg: TrainConfig) -> float:
     """``base_lr * batch_size / 256`` with ``lr_scaling: linear`` (MoSA), else ``base_lr`` (MLAE)."""
-    lr = float(train_cfg["base_lr"])
-    if train_cfg["lr_scaling"] == "linear":
-        lr *= train_cfg["batch_size"] / 256
+    lr = float(train_cfg.base_lr)
+    if train_cfg.lr_scaling == "linear":
+        lr *= train_cfg.batch_size / 256
     return lr
 
 
@@ -173,13 +177,11 @@ class HFAdamW(torch.optim.Optimizer):
 
 def _decay_rules(model: nn.Module) -> dict:
     """``{delta parameter: decay rule}`` for expert-split matrices with ``decay: toward_zero``."""
-    from surgeon.methods.matrices import ExpertSplitMatrix
-
     return {m.delta: m.decay_ for m in model.modules()
             if isinstance(m, ExpertSplitMatrix) and m.decay == "toward_zero" and m.delta.requires_grad}
 
 
-def build_optimizer(model: nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer over the trainable parameters only (``train.optimizer``).
 
     - ``adamw`` (torch's, ``eps`` = ``train.eps``) and ``sgd`` (momentum 0.9): weight decay
@@ -195,16 +197,14 @@ def build_optimizer(model: nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
     expert's whole weight toward 0); under torch's ``adamw`` the rule runs before the step, as
     torch's own decay does.
     """
-    from timm.optim import param_groups_weight_decay
-
-    wd = train_cfg["weight_decay"]
+    wd = train_cfg.weight_decay
     lr = peak_lr(train_cfg)
     rules = _decay_rules(model) if wd else {}
-    if train_cfg["optimizer"] == "adamw_hf":
+    if train_cfg.optimizer == "adamw_hf":
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if "bias" not in n], "weight_decay": wd},
                   {"params": [p for n, p in named if "bias" in n], "weight_decay": 0.0}]
-        return HFAdamW([g for g in groups if g["params"]], lr=lr, eps=train_cfg.get("eps") or 1e-6,
+        return HFAdamW([g for g in groups if g["params"]], lr=lr, eps=train_cfg.eps or 1e-6,
                        decay_rules=rules)
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     skip |= {n for n, p in model.named_parameters() if getattr(p, "no_weight_decay", False)}
@@ -213,10 +213,10 @@ def build_optimizer(model: nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
     if rules:  # these decay by their own rule, not by the optimizer's p *= 1 - lr*wd
         groups = [{**g, "params": [p for p in g["params"] if p not in rules]} for g in groups]
         groups = [g for g in groups if g["params"]] + [{"params": list(rules), "weight_decay": 0.0, "decay_rule": wd}]
-    if train_cfg["optimizer"] == "sgd":
+    if train_cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=train_cfg.get("eps") or 1e-8)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=train_cfg.eps or 1e-8)
     if rules:
         def decay_first(opt, args, kwargs):
             for group in opt.param_groups:
@@ -229,12 +229,12 @@ def build_optimizer(model: nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
     return optimizer
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict,
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig,
                     budget: StepBudget) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR: linear warm-up then cosine (or constant) to ``min_lr``."""
     peak = peak_lr(train_cfg)
-    per_epoch = train_cfg.get("lr_step") == "epoch"
+    per_epoch = train_cfg.lr_step == "epoch"
     factor = LrFactor(warmup_steps=budget.warmup_steps, total_steps=budget.total_steps,
-                      schedule=train_cfg["schedule"], min_factor=min(1.0, train_cfg["min_lr"] / peak),
+                      schedule=train_cfg.schedule, min_factor=min(1.0, train_cfg.min_lr / peak),
                       steps_per_epoch=budget.steps_per_epoch if per_epoch else None)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

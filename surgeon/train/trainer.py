@@ -11,7 +11,7 @@ update (counted; ``train.max_bad_steps`` in a row stop the run). Validation runs
 ``train.eval_every`` steps, or at each epoch end, and always after the last step; the best
 validation top-1 (ties: the later step) keeps its surgery tensors in ``checkpoints/best``.
 Checkpoints are written every ``train.checkpoint_every`` steps, at epoch ends and after the last
-step. Events go to ``metrics.jsonl`` (see :mod:`surgeon.run`); ``epoch`` there is 1-based.
+step. Events go to ``metrics.jsonl`` (see :mod:`surgeon.rundir`); ``epoch`` there is 1-based.
 
 An optional ``on_validate(step, epoch, top1)`` callback (used by ``surgeon sweep`` for pruning)
 is called after each validation; returning a non-empty reason stops the run: a ``stopped``
@@ -27,13 +27,16 @@ import torch.nn as nn
 
 from surgeon.data import build_loader
 from surgeon.errors import UserError
-from surgeon.evaluate import EvalResult, autocast_context, evaluate
-from surgeon.run import MetricsLog, RunPaths, finite_or_none, write_json
-from surgeon.train.checkpoint import (backbone_fingerprint, load_surgery_state, load_tensors, rng_state, save_checkpoint, save_tensors,
-                                      set_rng_state, step_seed, surgery_state)
-from surgeon.train.progress import TrainProgress
-from surgeon.train.regularizers import Objective
-from surgeon.train.schedule import build_optimizer, build_scheduler, peak_lr, step_budget
+from surgeon.io import finite_or_none, load_tensors, save_tensors, write_json
+from surgeon.rundir import MetricsLog, RunPaths
+from surgeon.seeding import rng_state, set_rng_state, step_seed
+from surgeon.surgery import backbone_fingerprint, load_surgery_state, surgery_state
+
+from .checkpoint import save_checkpoint
+from .evaluation import EvalResult, autocast_context, evaluate
+from .progress import TrainProgress
+from .regularizers import Objective
+from .schedule import build_optimizer, build_scheduler, peak_lr, step_budget
 
 LOSS_TERMS = ("loss", "ce", "consistency", "alignment")
 
@@ -83,8 +86,8 @@ class Trainer:
         recipe: the resolved :class:`~surgeon.recipe.Recipe`.
         model: the patched model (``surgeon.build_model``), on ``device``.
         splits: :class:`surgeon.data.DataSplits`.
-        paths: the run's :class:`~surgeon.run.RunPaths`.
-        log: the run's :class:`~surgeon.run.MetricsLog`.
+        paths: the run's :class:`~surgeon.rundir.RunPaths`.
+        log: the run's :class:`~surgeon.rundir.MetricsLog`.
         device: where training runs.
         on_validate: optional ``f(step, epoch, top1) -> str | None`` called after each validation
             (``step``: optimizer steps done; ``epoch``: 1-based; ``top1``: val top-1 in percent).
@@ -95,16 +98,16 @@ class Trainer:
                  device: torch.device, progress_console=None, on_validate=None):
         self.recipe, self.model, self.splits, self.paths, self.log = recipe, model, splits, paths, log
         self.on_validate = on_validate
-        self.cfg = recipe["train"]
+        self.cfg = recipe.train
         self.device = device
         self.console = progress_console
         self.budget = step_budget(self.cfg, len(splits.train))
-        self.precision = resolve_precision(self.cfg["precision"], device)
+        self.precision = resolve_precision(self.cfg.precision, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, self.budget)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.objective = Objective(model, recipe["regularizers"])
+        self.objective = Objective(model, recipe.regularizers)
         self.sampler = getattr(model, "surgeon_sampler", None)
         # Train events average this many steps (at most ~1000 events per run).
         self.log_every = max(1, round(self.budget.total_steps / 1000))
@@ -143,7 +146,7 @@ class Trainer:
         # between the two lines resumes from the previous checkpoint, whose offset drops it.
         self.log.log("checkpoint", step=self.step, epoch=self.epoch + 1, batch=self.batch, time=self.elapsed())
         save_checkpoint(self.paths.last, {
-            "recipe": self.recipe.data,
+            "recipe": self.recipe.to_dict(),
             "model": surgery_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -176,8 +179,8 @@ class Trainer:
         progress = TrainProgress(budget.total_steps, self.step, console=self.console)
         try:
             while self.step < budget.total_steps:
-                loader = build_loader(self.splits.train, batch_size=cfg["batch_size"], shuffle=True, seed=cfg["seed"],
-                                      num_workers=self.recipe["data"]["num_workers"], drop_last=budget.drop_last,
+                loader = build_loader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                      num_workers=self.recipe.data.num_workers, drop_last=budget.drop_last,
                                       epoch=self.epoch, start_batch=self.batch)
                 self.model.train()
                 position = (self.epoch, self.batch)
@@ -194,14 +197,14 @@ class Trainer:
                     last = self.step == budget.total_steps
                     progress.update(step=self.step, epoch=epoch, epochs=budget.epochs, loss=loss,
                                     lr=self.scheduler.get_last_lr()[0], img_per_s=self.images / max(self.train_seconds, 1e-9))
-                    every = cfg["eval_every"]
+                    every = cfg.eval_every
                     if (every and self.step % every == 0) or (not every and end_of_epoch) or last:
                         result = self.validate(epoch)
                         if result is not None:
                             progress.print(f"step {self.step}: val top-1 {result.top1:.2f}% (loss {result.loss:.4f})"
                                            f"{'  best' if self.best_step == self.step else ''}")
                         self.model.train()
-                    if self.step % cfg["checkpoint_every"] == 0 or end_of_epoch or last:
+                    if self.step % cfg.checkpoint_every == 0 or end_of_epoch or last:
                         self.save_checkpoint()
                     if last:
                         break
@@ -217,11 +220,11 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         n = len(labels)
-        torch.manual_seed(step_seed(self.cfg["seed"], self.step))  # this step's dropout masks
+        torch.manual_seed(step_seed(self.cfg.seed, self.step))  # this step's dropout masks
         self.optimizer.zero_grad(set_to_none=True)
         terms = torch.zeros(len(LOSS_TERMS), device=self.device)  # batch-weighted sums of the loss terms
         finite = True
-        for x, y in zip(images.tensor_split(self.cfg["grad_accum"]), labels.tensor_split(self.cfg["grad_accum"])):
+        for x, y in zip(images.tensor_split(self.cfg.grad_accum), labels.tensor_split(self.cfg.grad_accum)):
             if len(y) == 0:
                 continue
             with autocast_context(self.device, self.precision):
@@ -235,7 +238,7 @@ class Trainer:
         terms = dict(zip(LOSS_TERMS, terms.tolist()))  # one device sync per step
         if finite:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
             # With fp16 an inf gradient is the scaler's business (it skips and lowers the scale).
             finite = bool(torch.isfinite(norm)) or self.scaler.is_enabled()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -254,7 +257,7 @@ class Trainer:
         self.train_seconds += seconds
         if not finite:
             self.log.log("nonfinite", step=self.step, epoch=epoch + 1, count=self.bad_total, in_a_row=self.bad_in_row)
-            if self.bad_in_row >= self.cfg["max_bad_steps"]:
+            if self.bad_in_row >= self.cfg.max_bad_steps:
                 self.log.log("stopped", step=self.step, reason="nonfinite", in_a_row=self.bad_in_row)
                 raise TrainingDiverged(
                     f"training stopped at step {self.step}: {self.bad_in_row} non-finite losses in a row "
@@ -279,10 +282,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset, split: str) -> EvalResult:
-        ev = self.recipe["eval"]
-        loader = build_loader(dataset, batch_size=self.cfg["batch_size"], shuffle=False, seed=self.cfg["seed"],
-                              num_workers=self.recipe["data"]["num_workers"])
-        return evaluate(self.model, loader, mode=ev["inference"], expert=ev["expert"], merge_mode=ev["merge_mode"],
+        ev = self.recipe.eval
+        loader = build_loader(dataset, batch_size=self.cfg.batch_size, shuffle=False, seed=self.cfg.seed,
+                              num_workers=self.recipe.data.num_workers)
+        return evaluate(self.model, loader, mode=ev.inference, expert=ev.expert, merge_mode=ev.merge_mode,
                         num_classes=self.splits.num_classes,
                         class_names=self.splits.class_names, precision=self.precision)
 
@@ -314,7 +317,7 @@ class Trainer:
         ``eval.checkpoint``; ``auto`` is ``last`` when the val images are training images (the
         final protocol of VTAB-style data: a best-val choice there is a choice on training
         data) or there is no val split, else ``best``."""
-        choice = self.recipe["eval"].get("checkpoint", "auto")
+        choice = self.recipe.eval.checkpoint
         if choice == "auto":
             choice = "last" if self.splits.val is None or self.splits.val_in_train else "best"
         return choice
@@ -327,7 +330,7 @@ class Trainer:
             load_surgery_state(self.model, load_tensors(self.paths.best), str(self.paths.best))
         save_tensors(self.paths.adapter, surgery_state(self.model),
                      metadata={"format": "surgeon-adapter", "recipe": self.recipe.name,
-                               "model": self.recipe["model"]["name"], "step": str(self.reported_step(checkpoint)),
+                               "model": self.recipe.model.name, "step": str(self.reported_step(checkpoint)),
                                "backbone_fingerprint": backbone_fingerprint(self.model)})
         test_top1 = None
         final_split, final = None, None
@@ -352,7 +355,7 @@ class Trainer:
         return {
             "status": "finished",
             "recipe": self.recipe.name,
-            "model": self.recipe["model"]["name"],
+            "model": self.recipe.model.name,
             "data": self.splits.source,
             "num_classes": self.splits.num_classes,
             "class_names": list(self.splits.class_names),
@@ -365,7 +368,7 @@ class Trainer:
             "final_split": final_split,
             "final_top1": final.top1 if final else None,
             "per_class": final.per_class if final else [],
-            "inference": self.recipe["eval"]["inference"],
+            "inference": self.recipe.eval.inference,
             "steps": self.step,
             "epochs": self.budget.epochs,
             "steps_per_epoch": self.budget.steps_per_epoch,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from surgeon.errors import UserError
 from surgeon.methods.base import ACTIVATIONS, SurgeryLayer
-from surgeon.methods.matrices import Matrix, apply_linear
+from surgeon.methods.matrices import Matrix, apply_linear, kept_count, random_keep_mask
 
 try:  # timm's channels-first LayerNorm (NCHW), for the optional norm in front of a 1x1-conv adapter
     from timm.layers import LayerNorm2d
@@ -66,8 +66,6 @@ class PrunedLayerNorm(nn.Module):
     def __init__(self, norm: nn.LayerNorm, keep: float, pruned: str, channel_dim: int,
                  generator: torch.Generator | None = None):
         super().__init__()
-        from surgeon.methods.matrices import kept_count, random_keep_mask
-
         self.normalized_shape, self.eps, self.channel_dim, self.pruned = norm.normalized_shape, norm.eps, channel_dim, pruned
         self.keep = keep
         self.kept = 0

@@ -9,37 +9,7 @@ One recipe key, three methods (METHODS.md §1-2, MoSA paper Table 13):
   (:class:`~surgeon.methods.matrices.ExpertSplitMatrix`), one drawn per training forward;
 - **SparseLoRA** — the rule has ``prune``: A/B keep a fixed random fraction of their entries.
 
-All three fold into the base weight at merge; the layer is :class:`LoraLayer`.
+All three are the shared :class:`~surgeon.methods.lowrank.LowRankLayer` with a fixed ``α/r``
+weighting, and fold into the base weight at merge. ``spec.py``: config, schema, checks,
+description; ``method.py``: the patching.
 """
-from __future__ import annotations
-
-import torch.nn as nn
-
-from surgeon.methods.base import Method, PatchContext, register
-
-from .layer import LoraLayer, LowRankLayer, module_problem
-
-__all__ = ["Lora", "LoraLayer", "LowRankLayer"]
-
-
-@register
-class Lora(Method):
-    key = "lora"
-
-    def display_name(self, rule: dict) -> str:
-        if rule.get("experts") is not None:
-            return "mosl"
-        if rule.get("prune") is not None:
-            return "sparse_lora"
-        return "lora"
-
-    def cannot_patch(self, name: str, module: nn.Module, rule: dict) -> str | None:
-        return module_problem(module, rule["lora"]["slices"], name)
-
-    def patch(self, name: str, module: nn.Module, ctx: PatchContext) -> nn.Module:
-        problem = module_problem(module, ctx.rule["lora"]["slices"], name)
-        if problem:  # e.g. an earlier rule already wrapped this module
-            raise ValueError(problem)
-        layer = LoraLayer(module, ctx)
-        layer.target_name = name
-        return layer

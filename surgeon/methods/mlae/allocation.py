@@ -38,6 +38,8 @@ import math
 
 import torch
 
+from .spec import MaskingConfig
+
 PATTERNS = ("incremental", "decremental", "hourglass", "protruding", "random")
 
 
@@ -106,19 +108,20 @@ def rule_generator(seed: int, rule_index: int) -> torch.Generator:
     return gen
 
 
-def layer_expert_counts(masking: dict, num_layers: int, mean_experts: int, seed: int, rule_index: int) -> list[int]:
+def layer_expert_counts(masking: MaskingConfig, num_layers: int, mean_experts: int, seed: int,
+                        rule_index: int) -> list[int]:
     """Expert count of every matched layer for a ``masking`` section (fixed / mixed).
 
     Raises:
         ValueError: ``counts`` has a length other than ``num_layers``, or every count is 0.
     """
-    if masking.get("counts") is not None:
-        counts = list(masking["counts"])
+    if masking.counts is not None:
+        counts = list(masking.counts)
         if len(counts) != num_layers:
             raise ValueError(f"mlae.masking.counts has {len(counts)} entries but the selector matched "
                              f"{num_layers} layers; give one count per matched layer")
     else:
-        counts = pattern_counts(masking["pattern"], num_layers, mean_experts, rule_generator(seed, rule_index))
+        counts = pattern_counts(masking.pattern, num_layers, mean_experts, rule_generator(seed, rule_index))
     if not any(counts):
         raise ValueError("mlae.masking gives every matched layer 0 experts: the rule would do nothing")
     return counts

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from surgeon.methods.lora.layer import LowRankLayer
+from surgeon.methods.lowrank import LowRankLayer
 
 
 def expert_gram(down: torch.Tensor, up: torch.Tensor, expert_rank: int = 1) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""The plan table: what each selector matched, per module its method and parameters, totals."""
+"""The plan table (``surgeon plan``): what each selector matched, per module its method and
+parameters, totals."""
 from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .driver import SurgeryPlan
+from .tables import collapse_targets
 
 
 def millions(n: int) -> str:
@@ -13,8 +14,9 @@ def millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
-    """Rich tables: one row per selector, one per group of modules patched alike, and the totals."""
+def plan_tables(plan, *, title: str = "") -> list[Table]:
+    """Rich tables of a :class:`~surgeon.surgery.SurgeryPlan`: one row per selector, one per group
+    of modules patched alike, and the totals."""
     matches = Table(title=f"{title} — selectors" if title else "selectors", title_justify="left")
     for col in ("rule", "selector", "method", "matched"):
         matches.add_column(col, justify="right" if col in ("rule", "matched") else "left")
@@ -22,9 +24,6 @@ def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
         matches.add_row(str(m["rule"]), escape(m["selector"]), m["method"], str(m["count"]))
 
     # Modules patched alike differ only in their block index: one row each (blocks.*.mlp × 12).
-    # Imported here: the surgeon.report package pulls in matplotlib, which only reports need.
-    from surgeon.report.tables import collapse_targets
-
     targets = Table(title="patched modules", title_justify="left")
     for col in ("module", "count", "method", "params each", "params", "detail"):
         targets.add_column(col, justify="right" if col in ("count", "params each", "params") else "left")
@@ -44,6 +43,7 @@ def plan_tables(plan: SurgeryPlan, *, title: str = "") -> list[Table]:
     return [matches, targets, totals] if plan.targets else [matches, totals]
 
 
-def print_plan(plan: SurgeryPlan, console: Console, *, title: str = "") -> None:
+def print_plan(plan, console: Console, *, title: str = "") -> None:
+    """Print :func:`plan_tables` to ``console``."""
     for table in plan_tables(plan, title=title):
         console.print(table)

@@ -1,6 +1,5 @@
-"""MLAE: the explicit Σ_j formula, masking statistics, seeds, fixed patterns, merge, similarity.
-
-Shared helpers and the tiny-backbone table come from :mod:`tests.test_methods_lora`.
+"""MLAE: the explicit Σ_j formula, masking statistics, seeds, fixed patterns, similarity.
+(Merge, plain-timm load and the shared checks of every family: tests/methods/test_conformance.py.)
 """
 from __future__ import annotations
 
@@ -10,12 +9,18 @@ import torch.nn as nn
 
 import surgeon
 from surgeon.errors import RecipeError
-from surgeon.methods.lora.layer import SLICE_INDEX
-from surgeon.methods.mlae import MlaeLayer, cosine_matrix, expert_similarity, pattern_counts
-from surgeon.methods.mlae.allocation import PATTERNS, quarters
+from surgeon.methods.lowrank import SLICE_INDEX, LowRankLayer
+from surgeon.methods.mlae.allocation import PATTERNS, pattern_counts, quarters
+from surgeon.methods.mlae.similarity import cosine_matrix, expert_similarity
 
-from .conftest import ROOT
-from .test_methods_lora import BYPASS, FAMILIES, QKV, build, image, layers, lora_rule, perturb, plain_timm, rel_err
+from ..helpers import ROOT
+from .families import FAMILIES, QKV, build, image, rel_err
+from .families import low_rank_layers as layers
+from .families import perturb_low_rank as perturb
+
+
+def lora_rule(target, rank=4, slices=None, **extra):
+    return {"target": target, "lora": {"rank": rank, "alpha": 2 * rank, "slices": slices}, **extra}
 
 
 def mlae_rule(target=QKV, rank=4, expert_rank=1, coefficient_init=1.0, slices=None, **masking):
@@ -23,9 +28,9 @@ def mlae_rule(target=QKV, rank=4, expert_rank=1, coefficient_init=1.0, slices=No
                                        "slices": slices, "masking": masking}}
 
 
-def explicit_delta_output(layer: MlaeLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def explicit_delta_output(layer: LowRankLayer, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Σ_s Σ_j m_j λ_j B_j (A_j x), one expert at a time (the reference, loops on purpose)."""
-    k, e = layer.expert_rank, layer.num_experts
+    k, e = layer.weighting.expert_rank, layer.weighting.num_experts
     out = torch.zeros(*x.shape[:-1], layer.out_features)
     for s, (name, r0, r1) in enumerate(layer.parts):
         a, b = layer.down[name].weight, layer.up[name].weight
@@ -37,12 +42,12 @@ def explicit_delta_output(layer: MlaeLayer, x: torch.Tensor, mask: torch.Tensor 
     return out
 
 
-def replay_masks(layer: MlaeLayer, state: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def replay_masks(layer: LowRankLayer, state: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """The mask a training forward drew from the sampler state ``state``: ``[G, S·E]``."""
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)
     draws = torch.rand(groups * layer.coefficient.numel(), generator=gen).view(groups, -1)
-    return (draws >= layer.p).float() / (1 - layer.p)
+    return (draws >= layer.weighting.p).float() / (1 - layer.weighting.p)
 
 
 @pytest.mark.parametrize("expert_rank,slices", [(1, None), (2, ["q", "v"]), (4, ["k"])])
@@ -50,7 +55,7 @@ def test_forward_equals_explicit_expert_sum(expert_rank, slices):
     model = build("vit", [mlae_rule(rank=8, expert_rank=expert_rank, slices=slices, strategy="stochastic", p=0.5)])
     perturb(model)
     layer = layers(model)[0]
-    assert layer.num_experts == 8 // expert_rank
+    assert layer.weighting.num_experts == 8 // expert_rank
     x = torch.randn(2, 5, layer.in_features)
     with torch.no_grad():
         # eval: every expert, unscaled
@@ -58,12 +63,12 @@ def test_forward_equals_explicit_expert_sum(expert_rank, slices):
         assert rel_err(layer(x), layer.base_layer(x) + explicit_delta_output(layer, x, None)) < 1e-5
         # training: this forward's mask, kept experts scaled 1/(1-p)
         layer.train()
-        state = layer.sampler.generator.get_state()
+        state = layer.weighting.sampler.generator.get_state()
         y = layer(x)
         mask = replay_masks(layer, state)[0]
         assert rel_err(y, layer.base_layer(x) + explicit_delta_output(layer, x, mask)) < 1e-5
         # the weight path (parents that read .weight) computes the same function
-        layer.sampler.generator.set_state(state)
+        layer.weighting.sampler.generator.set_state(state)
         assert rel_err(nn.functional.linear(x, layer.weight, layer.bias), y) < 1e-5
 
 
@@ -71,10 +76,10 @@ def test_batch_groups_get_their_own_masks():
     model = build("vit", [mlae_rule(rank=6, slices=["q", "v"], strategy="stochastic", p=0.5)])
     perturb(model)
     layer = layers(model)[0].train()
-    layer.sampler.groups = 2
+    layer.weighting.sampler.groups = 2
     x = torch.randn(4, 3, layer.in_features)
     with torch.no_grad():
-        state = layer.sampler.generator.get_state()
+        state = layer.weighting.sampler.generator.get_state()
         y = layer(x)
         masks = replay_masks(layer, state, groups=2)
         assert not torch.equal(masks[0], masks[1])
@@ -87,22 +92,22 @@ def test_batch_groups_get_their_own_masks():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_masking_statistics_match_p(p):
     layer = layers(build("vit", [mlae_rule(rank=8, slices=["q", "v"], strategy="stochastic", p=p)]))[0].train()
-    masks = torch.stack([layer.expert_mask() for _ in range(1500)])       # [1500, 16] draws
+    masks = torch.stack([layer.weighting.mask(layer) for _ in range(1500)])  # [1500, 16] draws
     kept = masks > 0
     n = kept.numel()
     assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3
     assert torch.allclose(masks[kept], torch.full_like(masks[kept], 1 / (1 - p)))  # kept: exactly 1/(1-p)
     assert kept.float().mean(0).sub(1 - p).abs().max() < 0.08  # every expert, not only on average
     layer.eval()
-    assert layer.expert_mask() is None and torch.equal(layer.coefficients(), layer.coefficient)
+    assert layer.weighting.mask(layer) is None and torch.equal(layer.coefficients(), layer.coefficient)
 
 
 def test_per_layer_p_list():
     model = build("vit", [mlae_rule(rank=8, strategy="stochastic", p=[0.0, 0.8])])
     first, second = [layer.train() for layer in layers(model)]
-    assert (first.p, second.p) == (0.0, 0.8)
-    assert first.expert_mask() is None  # p = 0 never drops (and draws nothing)
-    rate = torch.stack([second.expert_mask() for _ in range(800)]).gt(0).float().mean().item()
+    assert (first.weighting.p, second.weighting.p) == (0.0, 0.8)
+    assert first.weighting.mask(first) is None  # p = 0 never drops (and draws nothing)
+    rate = torch.stack([second.weighting.mask(second) for _ in range(800)]).gt(0).float().mean().item()
     assert abs(rate - 0.2) < 0.03
 
 
@@ -136,7 +141,7 @@ def test_dropped_experts_get_no_gradient_that_step():
     layer = layers(build("vit", [mlae_rule(rank=8, strategy="stochastic", p=0.5)]))[0]
     perturb(nn.Sequential(layer))
     layer.train()
-    state = layer.sampler.generator.get_state()
+    state = layer.weighting.sampler.generator.get_state()
     layer(torch.randn(2, 3, layer.in_features)).square().sum().backward()
     dropped = replay_masks(layer, state)[0] == 0
     assert dropped.any() and (~dropped).any()
@@ -153,7 +158,7 @@ def test_init_gaussian_a_zero_b_coefficients():
     expected_std = (3 * layer.in_features) ** -0.5  # variance of LoRA's kaiming-uniform(a=√5)
     assert abs(a.std().item() / expected_std - 1) < 0.1
     assert (a.abs() > 1.0 / layer.in_features ** 0.5).any()  # Gaussian tails beyond the uniform bound
-    assert layer.p == 0 and layer.train().expert_mask() is None
+    assert layer.weighting.p == 0 and layer.train().weighting.mask(layer) is None
 
 
 # --------------------------------------------------------------------------- fixed patterns
@@ -197,58 +202,28 @@ def test_fixed_pattern_builds_layers_with_those_counts():
                                                 "num_heads": 2}},
               "surgery": [mlae_rule(rank=8, strategy="fixed", pattern="hourglass")]}
     model = surgeon.build_model(recipe, weights=False)
-    got = [layer.num_experts for layer in layers(model)]
-    assert got == PAPER_A5["hourglass"] and all(layer.p == 0 for layer in layers(model))
+    got = [layer.weighting.num_experts for layer in layers(model)]
+    assert got == PAPER_A5["hourglass"] and all(layer.weighting.p == 0 for layer in layers(model))
     assert model.surgeon_plan.extra_params == 96 * (48 + 3 * 48 + 1)  # masked experts do not exist
     # mixed: the same allocation plus one p; random: reproducible from the seed, same budget
     recipe["surgery"] = [mlae_rule(rank=8, strategy="mixed", pattern="random", p=0.3)]
-    counts = [[layer.num_experts for layer in layers(surgeon.build_model(recipe, weights=False))] for _ in range(2)]
+    counts = [[layer.weighting.num_experts for layer in layers(surgeon.build_model(recipe, weights=False))]
+              for _ in range(2)]
     assert counts[0] == counts[1] and sum(counts[0]) == 96 and min(counts[0]) >= 1 and max(counts[0]) <= 14
     recipe["train"] = {"seed": 1}
-    other = [layer.num_experts for layer in layers(surgeon.build_model(recipe, weights=False))]
+    other = [layer.weighting.num_experts for layer in layers(surgeon.build_model(recipe, weights=False))]
     assert other != counts[0] and sum(other) == 96
 
 
 def test_zero_experts_leave_the_module_unpatched():
     model = build("vit", [mlae_rule(rank=4, strategy="fixed", counts=[0, 3])])
     assert type(model.blocks[0].attn.qkv) is nn.Linear
-    assert isinstance(model.blocks[1].attn.qkv, MlaeLayer) and model.blocks[1].attn.qkv.num_experts == 3
+    qkv = model.blocks[1].attn.qkv
+    assert isinstance(qkv, LowRankLayer) and qkv.method_name == "mlae" and qkv.weighting.num_experts == 3
     assert [t.module for t in model.surgeon_plan.targets] == ["blocks.1.attn.qkv"]
 
 
-# --------------------------------------------------------------------------- merge, effect, counts
-
-MLAE_CASES = {
-    "stochastic": lambda target: [mlae_rule(target, rank=6, expert_rank=2, coefficient_init=0.5,
-                                            strategy="stochastic", p=0.5)],
-    "fixed": lambda target: [mlae_rule(target, rank=4, strategy="fixed", pattern="incremental")],
-    "mixed_slices": lambda target: [mlae_rule(target, rank=4, strategy="mixed", counts=[2, 5], p=0.3,
-                                              slices=["q", "v"] if target == QKV else None)],
-}
-
-
-@pytest.mark.parametrize("case,family", [(c, f) for c in MLAE_CASES for f in ("vit", "swin", "convnext")])
-def test_merge_equals_unmerged_and_loads_into_plain_timm(case, family):
-    target = "**.blocks.*.mlp.fc1" if family == "convnext" else QKV
-    if family == "convnext" and case == "mixed_slices":
-        target = "stages.{0..1}.blocks.0.mlp.fc1"  # two matches for the two counts
-    model = build(family, MLAE_CASES[case](target))
-    perturb(model)
-    model.train()
-    with torch.no_grad():
-        model(image(model))  # a training forward (masks) must not leak into eval or merge
-    model.eval()
-    x = image(model)
-    with torch.no_grad():
-        before = model(x)
-        surgeon.merge(model)
-        after = model(x)
-    assert rel_err(after, before) < 1e-5 and not layers(model)
-    plain = plain_timm(family)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    with torch.no_grad():
-        assert rel_err(plain.eval()(x), before) < 1e-5
-
+# --------------------------------------------------------------------------- effect, counts
 
 @pytest.mark.parametrize("family", ["vit", "eva02", "beit", "swinv2"])
 def test_mlae_takes_effect(family):
@@ -259,7 +234,7 @@ def test_mlae_takes_effect(family):
         perturb(model)
         after = model.forward_features(x)
     assert rel_err(after, before) > 1e-3
-    if family in BYPASS:
+    if FAMILIES[family].bypass:
         assert all(layer.probe_hits > 0 for layer in layers(model))
 
 
@@ -271,7 +246,7 @@ def test_shipped_recipes_reproduce_the_papers_params(recipe):
     plan = surgeon.build_model(r, weights=False, device="meta").surgeon_plan
     assert plan.extra_params == 295_008 and round(plan.extra_params / 1e6, 2) == 0.30
     assert len(plan.targets) == 12 and {t.method for t in plan.targets} == {"mlae"}
-    assert r["train"]["base_lr"] == 5e-4 and r["train"]["lr_scaling"] == "none" and r["train"]["batch_size"] == 64
+    assert r.train.base_lr == 5e-4 and r.train.lr_scaling == "none" and r.train.batch_size == 64
 
 
 # --------------------------------------------------------------------------- expert similarity

@@ -5,12 +5,15 @@ import pytest
 import torch
 
 from surgeon.methods.base import ExpertSampler, PatchContext
+from surgeon.recipe import rule as typed_rule
 from surgeon.methods.matrices import (DenseMatrix, ExpertSplitMatrix, PrunedMatrix, apply_linear, kaiming_uniform,
                                       make_matrix, random_keep_mask, random_quantile_index)
 
 
-def ctx_for(rule: dict, seed: int = 0) -> PatchContext:
+def ctx_for(modifiers: dict, seed: int = 0) -> PatchContext:
+    """A patch context for an adapter rule with these modifiers (``experts``/``prune``; schema defaults filled)."""
     gen = torch.Generator().manual_seed(seed + 1)
+    rule = typed_rule({"target": "m", "adapter": {}, **modifiers})
     return PatchContext(rule=rule, rule_index=0, layer_index=0, num_layers=1, sampler=ExpertSampler(seed=seed),
                         init_generator=gen)
 
@@ -227,9 +230,9 @@ def test_factory_picks_strategy_per_role_and_counts():
     only_up = ctx_for({"prune": {"keep": 0.5, "matrices": ["up"]}})
     assert isinstance(make_matrix(w, "down", only_up.rule, only_up), DenseMatrix)
     assert make_matrix(w, "up", only_up.rule, only_up).extra_params() == 16
-    assert make_matrix(w, "up", {}, ctx_for({})).extra_params() == 32
+    assert make_matrix(w, "up", ctx_for({}).rule, ctx_for({})).extra_params() == 32
     both = ctx_for({"experts": {"count": 4}, "prune": {"keep": 0.5}})
     with pytest.raises(ValueError, match="not both"):
         make_matrix(w, "up", both.rule, both)
     with pytest.raises(ValueError):
-        make_matrix(w, "middle", {}, ctx_for({}))
+        make_matrix(w, "middle", ctx_for({}).rule, ctx_for({}))

@@ -1,168 +1,40 @@
-"""LoRA, MoSL and SparseLoRA: one table of (case × tiny backbone family) through shared checks.
-
-Checks: the surgery takes effect (including BEiT / EVA-02 / SwinV2, whose attention bypasses
-``qkv.forward``); merged == unmerged to 1e-5 relative; the merged state dict loads strictly into
-plain timm; slices touch only their thirds; pruned entries stay zero under AdamW; the papers'
-parameter counts; NaN-safe merge.
+"""LoRA, MoSL and SparseLoRA: the two paths of the low-rank layer, slices, the papers' counts,
+expert draws, pruning under AdamW, fp32 merge, user errors. (Merge, plain-timm load and the
+shared checks of every family: tests/methods/test_conformance.py.)
 """
 from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
 import surgeon
 from surgeon.errors import RecipeError, UserError
-from surgeon.methods.lora import LoraLayer, LowRankLayer
-from surgeon.methods.lora.layer import block_up, stack_down
+from surgeon.methods.lowrank import LowRankLayer, block_up, stack_down
 from surgeon.methods.matrices import ExpertSplitMatrix, PrunedMatrix
 
-from .conftest import ROOT
-
-# name -> (timm model, kwargs): tiny configurations of the six families (+ DeiT).
-FAMILIES = {
-    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
-    "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
-    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 4, "embed_dim": 32,
-                                              "depths": [1, 1], "num_heads": [2, 4]}),
-    "convnext": ("convnext_atto", {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128],
-                                   "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}),
-    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
-    "beit": ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64,
-                                       "num_heads": 2}),
-    "swinv2": ("swinv2_tiny_window8_256", {"img_size": 32, "window_size": 4, "embed_dim": 32,
-                                           "depths": [1, 1], "num_heads": [2, 4]}),
-}
-BYPASS = {"eva02", "beit", "swinv2"}  # attention computes F.linear(x, qkv.weight, ...)
-QKV = "**.blocks.*.attn.qkv"
+from ..helpers import ROOT
+from .families import FAMILIES, QKV, build, image, rel_err
+from .families import low_rank_layers as layers
+from .families import perturb_low_rank as perturb
 
 
-def build(family: str, rules: list[dict], seed: int = 0) -> nn.Module:
-    """A tiny model of ``family`` with ``rules`` applied (5 classes).
-
-    The backbone's random weights come from a fixed global seed (the same backbone for every
-    call); ``seed`` is the recipe's ``train.seed`` (surgery init, masks, expert draws).
-    """
-    name, kwargs = FAMILIES[family]
-    torch.manual_seed(0)
-    recipe = {"name": "t", "model": {"name": name, "pretrained": False, "num_classes": 5, "kwargs": kwargs},
-              "surgery": rules, "train": {"seed": seed}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = surgeon.build_model(recipe, weights=False)
-    wake(model)
-    return model
-
-
-def plain_timm(family: str) -> nn.Module:
-    name, kwargs = FAMILIES[family]
-    return timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
-
-
-def wake(model: nn.Module) -> None:
-    """Give branch gates that a random init closes a pretrained-like value.
-
-    SwinV2 zero-initialises its res-post-norm weights and ConvNeXt its layer scale (1e-6), so
-    in a random model those branches are (almost) multiplied by 0 and no surgery inside them
-    could change the output: a fact of the random init, not of the surgery.
-    """
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name and name.endswith("weight") and not p.any():
-                p.fill_(1.0)
-            elif p.dim() == 1 and name.endswith("gamma") and p.abs().max() <= 1e-5:
-                p.fill_(0.5)
-
-
-def layers(model: nn.Module) -> list[LowRankLayer]:
-    return [m for m in model.modules() if isinstance(m, LowRankLayer)]
-
-
-def perturb(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
-    """Random values in every trainable tensor of the surgery layers (B included), pruned entries kept 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers(model):
-            for name, p in layer.named_parameters():
-                if name.startswith("base_layer"):
-                    continue
-                p.add_(torch.randn(p.shape, generator=gen) * std)
-            for m in layer.modules():
-                if isinstance(m, PrunedMatrix):
-                    m.weight.mul_(m.mask)
-
-
-def image(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    size = timm.data.resolve_input_data_config(model)["input_size"]
-    return torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-# --------------------------------------------------------------------------- the case table
+# --------------------------------------------------------------------------- rules
 
 def lora_rule(target, rank=4, slices=None, **extra):
     return {"target": target, "lora": {"rank": rank, "alpha": 2 * rank, "slices": slices}, **extra}
 
 
-FC1 = "**.blocks.*.mlp.fc1"  # Linear in ViT/Swin, 1x1 Conv2d in ConvNeXt atto
 MOSL_FLAT = {"count": 4, "sparse": ["down", "up"]}
-
-
-def case_rules(case: str, family: str) -> list[dict]:
-    """The rules of one table case on one family: qkv rules where a fused qkv exists, the MLP's
-    fc1 everywhere, k×k convolutions on ConvNeXt."""
-    qkv = family != "convnext"
-    if case == "lora":
-        rules = [lora_rule(QKV, slices=["q", "v"])] if qkv else [lora_rule("stem.0", rank=3),
-                                                                  lora_rule("stages.1.downsample.1", rank=2)]
-        return rules + [lora_rule(FC1)]
-    if case == "lora_k":
-        return [lora_rule(QKV, slices=["k"])]
-    if case == "mosl":
-        return ([lora_rule(QKV, slices=["q", "v"], experts=MOSL_FLAT)] if qkv else []) + \
-            [lora_rule(FC1, experts={"count": 3, "granularity": "row"})]
-    if case == "sparse_lora":
-        return ([lora_rule(QKV, slices=["q", "v"], prune={"keep": 0.5})] if qkv else []) + \
-            [lora_rule(FC1, prune={"keep": 0.3, "matrices": ["up"]})]
-    raise KeyError(case)
-
-
-# (case, family): merge checks on ViT + Swin + ConvNeXt for every method.
-MERGE_TABLE = [(c, f) for c in ("lora", "mosl", "sparse_lora") for f in ("vit", "swin", "convnext")] + \
-              [("lora_k", "vit")]
-
-
-@pytest.mark.parametrize("case,family", MERGE_TABLE)
-def test_merge_equals_unmerged_and_loads_into_plain_timm(case, family):
-    model = build(family, case_rules(case, family))
-    assert layers(model), "nothing was patched"
-    perturb(model)
-    model.eval()
-    x = image(model)
-    with torch.no_grad():
-        before = model(x)
-        surgeon.merge(model)
-        after = model(x)
-    assert rel_err(after, before) < 1e-5
-    assert not any(isinstance(m, LowRankLayer) for m in model.modules())
-    plain = plain_timm(family)
-    plain.load_state_dict(model.state_dict(), strict=True)  # exactly timm's keys
-    with torch.no_grad():
-        assert rel_err(plain.eval()(x), before) < 1e-5
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_on_qkv_takes_effect_in_every_family(family):
-    if family == "convnext":
-        rules, target = [lora_rule("**.blocks.*.mlp.fc1")], nn.Conv2d  # 1x1 conv MLPs
+    if not FAMILIES[family].qkv:
+        rules, target = [lora_rule("**.blocks.*.mlp.fc1")], nn.Conv2d if family == "convnext" else nn.Linear
     else:
         rules, target = [lora_rule(QKV, slices=["q", "v"])], nn.Linear
     model = build(family, rules).eval()
@@ -179,7 +51,7 @@ def test_lora_on_qkv_takes_effect_in_every_family(family):
         perturb(model)
         after = model.forward_features(x)
     assert rel_err(after, before) > 1e-3
-    if family in BYPASS:
+    if FAMILIES[family].bypass:
         # The parent never calls the wrapper: the delta arrives through the weight property.
         assert not calls
         assert all(layer.probe_hits > 0 for layer in patched)
@@ -395,7 +267,7 @@ def test_deepcopy_keeps_layers_working():
     with torch.no_grad():
         assert torch.equal(clone(x), model.eval()(x))
     assert math.isclose(sum(p.numel() for p in clone.parameters()), sum(p.numel() for p in model.parameters()))
-    assert isinstance(layers(clone)[0], LoraLayer)
+    assert isinstance(layers(clone)[0], LowRankLayer) and layers(clone)[0].method_name == "lora"
 
 
 @pytest.mark.parametrize("method,cfg", [("lora", "{rank: 4, slices: [q, v]}"), ("mlae", "{rank: 4, slices: [q]}")])

@@ -1,9 +1,7 @@
-"""Adapter family (AdaptFormer, Pfeiffer, Houlsby, MoSA hier/flat, SparseAdapter) on tiny backbones.
-
-One table of (shipped recipe x tiny backbone family) through shared checks: the patch takes
-effect, parameters are counted the papers' way, merged == unmerged in eval. Then focused
-tests: merge modes, save/load of merged adapters, seeded draws, inference mechanisms,
-pruning under AdamW, bf16 merge, NaN refusal, user errors, and the papers' "Params (M)".
+"""Adapter family (AdaptFormer, Pfeiffer, Houlsby, MoSA hier/flat, SparseAdapter): merge modes and
+formulas, save/load of merged adapters, seeded draws, inference mechanisms, pruning under AdamW,
+bf16 merge, NaN refusal, user errors, and the papers' "Params (M)". (The shared checks on every
+family — count, zero init, effect, exact merge, round trip: tests/methods/test_conformance.py.)
 """
 from __future__ import annotations
 
@@ -17,43 +15,20 @@ import torch
 import surgeon
 from surgeon.backbone import create_backbone
 from surgeon.errors import RecipeError, UserError
-from surgeon.methods.adapter import AdapterLayer, MergedAdapter
+from surgeon.methods.adapter.layer import AdapterLayer, MergedAdapter
 from surgeon.methods.experts import (ensemble_logits, expert_count, expert_groups, inference, predict, set_inference,
                                      split_matrices)
+from surgeon.recipe import section
 from surgeon.surgery import apply_surgery
 
-from .conftest import ROOT
+from ..helpers import ROOT
+from .families import FAMILIES, build_recipe, load
 
 warnings.filterwarnings("ignore", message=".*pretrained is false.*")
 
-# Tiny configurations of the six families; `mlp`/`attn` list the channel width of every block
-# (one entry per matched module) for the independent parameter count below.
-_CONVNEXT = {"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64], "ls_init_value": 1.0,  # layer scale 1: adapters visible
-             "pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}
-FAMILIES = {
-    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, [192, 192], [192, 192]),
-    "deit": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1}, [192], [192]),
-    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 4, "window_size": 4, "depths": [1, 1],
-                                              "num_heads": [1, 2], "embed_dim": 32}, [32, 64], [32, 64]),
-    "convnext_conv": ("convnext_atto", _CONVNEXT, [16, 32, 48, 64], []),                        # NCHW 1x1-conv MLPs
-    "convnext_linear": ("convnext_atto", {**_CONVNEXT, "conv_mlp": False}, [16, 32, 48, 64], []),  # NHWC Linear MLPs
-    "eva": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, [192, 192], [192, 192]),
-    "beit": ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
-             [64, 64], [64, 64]),
-}
-RECIPES = ["adaptformer", "pfeiffer", "houlsby", "mosa_hier", "mosa_flat", "sparse_adapter"]
-
-
-def load(recipe: str, family: str, **overrides) -> surgeon.Recipe:
-    name, kwargs, _, _ = FAMILIES[family]
-    return surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml",
-                               overrides={"model.name": name, "model.pretrained": False, "model.kwargs": kwargs,
-                                          "model.num_classes": 5, **overrides})
-
 
 def build(recipe: str, family: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)  # the backbone's random init
-    return surgeon.build_model(load(recipe, family, **overrides), weights=False)
+    return build_recipe(recipe, family, seed=seed, **overrides)
 
 
 def images(model, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -81,65 +56,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def expected_params(recipe: str, family: str) -> int:
-    """The papers' count, computed independently of the code under test."""
-    _, _, mlp, attn = FAMILIES[family]
-    widths = mlp + (attn if recipe == "houlsby" else [])
-    b = 64
-    total = 0
-    for c in widths:
-        tensors = [b * c, b, c * b, c]  # down.weight, down.bias, up.weight, up.bias
-        if recipe == "sparse_adapter":
-            total += sum(max(1, round(0.25 * n)) for n in tensors)
-        else:
-            total += sum(tensors)
-        # The adapter's own LayerNorm (dense, also in the pruned SparseAdapter): Pfeiffer, and the
-        # published MoSA code's AdaptFormer that the other recipes reproduce; Houlsby has none.
-        norm = [c, c]  # the adapter's LayerNorm weight and bias (pruned too in SparseAdapter)
-        if recipe == "sparse_adapter":
-            total += sum(max(1, round(0.25 * n)) for n in norm)
-        elif recipe != "houlsby":
-            total += sum(norm)
-    return total
-
-
-# ----------------------------------------------------------------------------- the table
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_on_family(recipe, family):
-    model = build(recipe, family)
-    plan = model.surgeon_plan
-    layers = adapters(model)
-    _, _, mlp, attn = FAMILIES[family]
-    assert len(layers) == len(mlp) + (len(attn) if recipe == "houlsby" else 0)
-    assert plan.extra_params == expected_params(recipe, family)
-    shown = {"mosa_hier": "mosa", "mosa_flat": "mosa", "sparse_adapter": "sparse_adapter"}.get(recipe, "adapter")
-    assert {t.method for t in plan.targets} == {shown}
-    assert {l.channel_dim for l in layers} == {1 if family == "convnext_conv" else -1}  # NCHW conv MLPs: 1x1 convs
-    # Only adapter tensors (and the head) train.
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(".down." in n or ".up." in n or ".norm." in n or n.startswith("head") for n in trainable), trainable
-
-    x = images(model)
-    model.eval()
-    with torch.no_grad():
-        y0 = model(x)
-        perturb(model, up_only=True)  # the zero-initialised side: any effect proves the patch runs
-        y1 = model(x)
-        assert rel_err(y1, y0) > 1e-3
-        perturb(model, seed=1)
-        y_unmerged = model(x)
-        surgeon.merge(model)
-        y_merged = model(x)
-    assert not adapters(model) and not split_matrices(model)
-    assert all(isinstance(m, MergedAdapter) for m in model.modules() if type(m).__name__.endswith("Adapter"))
-    assert torch.isfinite(y_merged).all()
-    assert rel_err(y_merged, y_unmerged) < 1e-5
-
+# ----------------------------------------------------------------------------- layout, zero init
 
 def test_layout_is_read_from_the_module():
-    conv = build("adaptformer", "convnext_conv")
+    conv = build("adaptformer", "convnext")
     linear = build("adaptformer", "convnext_linear")
     vit = build("adaptformer", "vit")
     assert {l.channel_dim for l in adapters(conv)} == {1}      # Conv2d fc1: NCHW, 1x1-conv adapter
@@ -151,14 +71,15 @@ def test_layout_is_read_from_the_module():
     assert {l.channel_dim for l in adapters(block)} == {1}
 
 
-@pytest.mark.parametrize("recipe,family", [("adaptformer", "vit"), ("houlsby", "eva"), ("pfeiffer", "swin"),
-                                           ("mosa_flat", "convnext_conv"), ("sparse_adapter", "beit")])
-def test_zero_init_starts_at_the_backbone_function(recipe, family):
+@pytest.mark.parametrize("recipe,family", [("adaptformer", "vit"), ("houlsby", "eva02"), ("pfeiffer", "swin"),
+                                           ("mosa_flat", "convnext"), ("sparse_adapter", "beit")])
+def test_zero_init_starts_at_the_backbone_function_also_in_training(recipe, family):
     # Without the recipes' dropout (random masks would differ between the two models in training mode).
     model = build(recipe, family, seed=7, **{"model.dropout": {}, "surgery.0.adapter.dropout": 0.0})
-    name, kwargs, _, _ = FAMILIES[family]
+    fam = FAMILIES[family]
     torch.manual_seed(7)
-    plain = create_backbone({"name": name, "kwargs": kwargs, "pretrained": False}, num_classes=5, weights=False)
+    plain = create_backbone(section("model", {"name": fam.model, "kwargs": fam.kwargs, "pretrained": False}),
+                            num_classes=5, weights=False)
     x = images(model)
     model.eval(), plain.eval()
     with torch.no_grad():
@@ -202,7 +123,7 @@ def test_merged_layer_holds_the_exact_formulas():
     assert merged.extra_params() == 2 * 192 * 64 + 64 + 192 + 2 * 192  # + the adapter's LayerNorm
 
 
-@pytest.mark.parametrize("recipe,family", [("mosa_hier", "vit"), ("pfeiffer", "swin"), ("sparse_adapter", "convnext_conv")])
+@pytest.mark.parametrize("recipe,family", [("mosa_hier", "vit"), ("pfeiffer", "swin"), ("sparse_adapter", "convnext")])
 def test_merged_state_dict_loads_into_a_rebuilt_merged_model(recipe, family):
     model = build(recipe, family, seed=0)
     perturb(model)
@@ -245,8 +166,9 @@ def test_nan_adapter_refuses_to_merge():
 
 
 def test_learnable_scale_counts_trains_and_folds():
+    plain = build("adaptformer", "vit")
     model = build("adaptformer", "vit", **{"surgery.0.adapter.learnable_scale": True})
-    assert model.surgeon_plan.extra_params == expected_params("adaptformer", "vit") + 2
+    assert model.surgeon_plan.extra_params == plain.surgeon_plan.extra_params + 2  # one scalar per block
     layer = adapters(model)[0]
     assert layer.scale.requires_grad
     perturb(model)
@@ -309,7 +231,7 @@ def test_inference_mechanisms():
         torch.testing.assert_close(ensemble_logits(model, x), merged, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["vit", "convnext_conv"])
+@pytest.mark.parametrize("family", ["vit", "convnext"])
 def test_batched_groups_draw_per_half(family):
     model = build("mosa_flat", family)
     perturb(model)
@@ -384,10 +306,10 @@ def test_parallel_adapter_on_shape_changing_module_is_a_user_error():
 
 
 def test_two_adapter_rules_on_one_module_is_a_recipe_error():
-    recipe = load("adaptformer", "vit")
-    recipe.data["surgery"] = recipe.data["surgery"] * 2
+    data = load("adaptformer", "vit").to_dict()
+    data["surgery"] = data["surgery"] * 2
     with pytest.raises(RecipeError, match="already has an adapter"):
-        surgeon.build_model(recipe, weights=False)
+        surgeon.build_model(data, weights=False)
 
 
 # ----------------------------------------------------------------------------- the papers' "Params (M)"
@@ -430,8 +352,8 @@ def test_paper_param_counts():
             overrides = {**WITHOUT_ADAPTER_NORM, **overrides}
         r = surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml", overrides={"model.name": name, **overrides})
         if name not in backbones:
-            backbones[name] = create_backbone(r["model"], weights=False, device="meta")
-        plan = apply_surgery(copy.deepcopy(backbones[name]), r["surgery"], seed=r["train"]["seed"], probe=False)
+            backbones[name] = create_backbone(r.model, weights=False, device="meta")
+        plan = apply_surgery(copy.deepcopy(backbones[name]), r.surgery, seed=r.train.seed, probe=False)
         ours = round(plan.extra_params / 1e6, 2)
         if abs(ours - paper) > 1e-9:
             wrong.append(f"{recipe} {overrides} on {name}: ours {ours} vs paper {paper} ({where})")
@@ -444,5 +366,5 @@ def test_shipped_recipes_count_the_adapter_norm():
     for recipe, expected in (("adaptformer", 1_189_632 + 12 * 2 * 768), ("mosa_hier", 1_189_632 + 12 * 2 * 768),
                              ("sparse_adapter", 297_408 + 12 * 2 * 192)):
         r = surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
-        model = create_backbone(r["model"], weights=False, device="meta")
-        assert apply_surgery(model, r["surgery"], probe=False).extra_params == expected, recipe
+        model = create_backbone(r.model, weights=False, device="meta")
+        assert apply_surgery(model, r.surgery, probe=False).extra_params == expected, recipe

@@ -1,5 +1,8 @@
 """``surgeon apply``: recipe → data → model → run directory → training → merge → report.
 
+The one module that drives the whole pipeline; every step it calls lives in a layer below it
+(docs/ARCHITECTURE.md).
+
 Order matters and is part of the contract:
 
 1. the recipe is loaded, validated and its local paths made absolute;
@@ -25,9 +28,20 @@ from pathlib import Path
 
 from rich.console import Console
 
+from surgeon.backbone import create_backbone, resolve_model_name
+from surgeon.data import build_splits
 from surgeon.errors import UserError
-from surgeon.run import (MetricsLog, RunPaths, build_run_model, default_run_dir, normalize_recipe, read_run_recipe,
-                         recipe_differences, write_json)
+from surgeon.io import read_json, write_json, write_text
+from surgeon.merge_run import merge_run
+from surgeon.methods.mlae.similarity import expert_similarity
+from surgeon.model import build_checked_model
+from surgeon.recipe import load_recipe
+from surgeon.report import write_report
+from surgeon.rundir import MetricsLog, RunPaths, default_run_dir, read_run_recipe, recipe_differences
+from surgeon.seeding import seed_everything
+from surgeon.train.checkpoint import load_checkpoint
+from surgeon.train.trainer import Trainer, resolve_device, write_summary
+from surgeon.weights import pretrained_kwargs
 
 
 @contextmanager
@@ -56,43 +70,32 @@ def _same_recipe_or_fail(old: dict, new: dict, where: str) -> None:
 
 def prepare(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
             overrides: list[str] | None = None, resume: str | None = None):
-    """Steps 1-3: the resolved recipe (num_classes filled in) and the data splits."""
-    from surgeon.backbone import create_backbone
-    from surgeon.data import build_splits
-    from surgeon.recipe import load_recipe
-    from surgeon.train.checkpoint import seed_everything
-
+    """Steps 1-3: the resolved recipe (local paths absolute, the pretrained tag and num_classes
+    resolved: a new :class:`~surgeon.recipe.Recipe`) and the data splits."""
     if recipe_ref is None:
         if resume is None:
             raise UserError("no recipe given", hint="surgeon apply RECIPE (or --resume RUN to continue a run)")
         read_run_recipe(Path(resume))
         recipe_ref = str(RunPaths(Path(resume)).recipe)
-    recipe = load_recipe(recipe_ref, overrides or [], model=model, data=data)
-    normalize_recipe(recipe)
-    from surgeon.backbone import resolve_model_name
-
+    recipe = load_recipe(recipe_ref, overrides or [], model=model, data=data).with_absolute_paths()
     # The pretrained tag (model.tag) resolved once, so the run records the exact timm name.
-    recipe.data["model"]["name"] = resolve_model_name(recipe["model"])[0]
-    seed = recipe["train"]["seed"]
-    seed_everything(seed)
+    recipe = recipe.with_values({("model", "name"): resolve_model_name(recipe.model)[0]})
+    seed_everything(recipe.train.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shapes = create_backbone(recipe["model"], weights=False, device="meta")
-    splits = build_splits(recipe["data"], shapes, seed=recipe["data"]["seed"])
-    given = recipe["model"].get("num_classes")
+        shapes = create_backbone(recipe.model, weights=False, device="meta")
+    splits = build_splits(recipe.data, shapes, seed=recipe.data.seed)
+    given = recipe.model.num_classes
     if given is not None and given != splits.num_classes:
         raise UserError(f"model.num_classes is {given} but the data has {splits.num_classes} classes "
                         f"({', '.join(splits.class_names[:5])}{', ...' if splits.num_classes > 5 else ''})",
                         where=recipe.where(("model", "num_classes")),
                         hint="remove model.num_classes (it defaults to the data's class count) or fix the data")
-    recipe.data["model"]["num_classes"] = splits.num_classes
-    pretrained = recipe["model"]["pretrained"]
-    if pretrained is not False:
+    recipe = recipe.with_values({("model", "num_classes"): splits.num_classes})
+    if recipe.model.pretrained is not False:
         # Pre-flight: no network / a missing or corrupt file fails here, in seconds, before a
         # run directory is created (the real load happens when the model is built).
-        from surgeon.weights import pretrained_kwargs
-
-        pretrained_kwargs(recipe["model"]["name"], pretrained)
+        pretrained_kwargs(recipe.model.name, recipe.model.pretrained)
     return recipe, splits
 
 
@@ -106,10 +109,6 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
     value stops the run with :class:`~surgeon.train.trainer.TrainingStopped` (no summary, merge
     or report; ``metrics.jsonl`` ends with a ``stopped`` event giving the reason).
     """
-    from surgeon.merge_run import merge_run
-    from surgeon.train.checkpoint import load_checkpoint, seed_everything
-    from surgeon.train.trainer import Trainer, resolve_device, write_summary
-
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     if resume and out and Path(out).resolve() != Path(resume).resolve():
         raise UserError(f"--out {out} and --resume {resume} name different run directories",
@@ -121,23 +120,23 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
         # The run directory and its recipe, before anything is trained.
         if resume:
             paths = RunPaths(Path(resume))
-            _same_recipe_or_fail(read_run_recipe(paths.root), recipe.data, str(paths.recipe))
+            _same_recipe_or_fail(read_run_recipe(paths.root), recipe.to_dict(), str(paths.recipe))
         else:
             root = Path(out) if out else default_run_dir(recipe)
             if root.exists() and any((root / f).exists() for f in ("recipe.yaml", "metrics.jsonl")):
                 raise UserError(f"{root} already holds a run", hint=f"continue it with --resume {root}, or choose another --out")
             root.mkdir(parents=True, exist_ok=True)
             paths = RunPaths(root)
-            write_json_text(paths.recipe, recipe.to_yaml())
+            write_text(paths.recipe, recipe.to_yaml())
         console.print(f"run directory: {paths.root}", markup=False)
 
-        device = resolve_device(recipe["train"]["device"])
-        seed_everything(recipe["train"]["seed"])  # the head's initialisation
-        net = build_run_model(recipe, num_classes=splits.num_classes, device=device)
+        device = resolve_device(recipe.train.device)
+        seed_everything(recipe.train.seed)  # the head's initialisation
+        net = build_checked_model(recipe, num_classes=splits.num_classes, device=device)
         state = None
         if resume and paths.last.is_file():
             state = load_checkpoint(paths.last)
-            _same_recipe_or_fail(state["recipe"], recipe.data, str(paths.last))
+            _same_recipe_or_fail(state["recipe"], recipe.to_dict(), str(paths.last))
         log = MetricsLog(paths.metrics)
         try:
             trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console,
@@ -151,17 +150,17 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
                 console.print("no checkpoint yet: starting the run from the beginning", markup=False)
             plan = net.surgeon_plan
             log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
-                    model=recipe["model"]["name"], data=splits.source, num_classes=splits.num_classes,
-                    warmup_steps=trainer.budget.warmup_steps, batch_size=recipe["train"]["batch_size"],
+                    model=recipe.model.name, data=splits.source, num_classes=splits.num_classes,
+                    warmup_steps=trainer.budget.warmup_steps, batch_size=recipe.train.batch_size,
                     class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
-                    precision=trainer.precision, seed=recipe["train"]["seed"], provenance=splits.provenance,
+                    precision=trainer.precision, seed=recipe.train.seed, provenance=splits.provenance,
                     lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
                     steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None)
             budget = trainer.budget
-            console.print(f"{recipe.name} on {recipe['model']['name']}: {plan.extra_params / 1e6:.4f}M extra params, "
+            console.print(f"{recipe.name} on {recipe.model.name}: {plan.extra_params / 1e6:.4f}M extra params, "
                           f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
                           f"{splits.num_classes} classes; peak lr {trainer.optimizer.param_groups[0]['initial_lr']:.3g} "
-                          f"({recipe['train']['optimizer']}), batch {recipe['train']['batch_size']}, "
+                          f"({recipe.train.optimizer}), batch {recipe.train.batch_size}, "
                           f"{budget.warmup_steps} warm-up + {budget.total_steps - budget.warmup_steps} decay = "
                           f"{budget.total_steps} steps ({budget.epochs} epochs of {budget.steps_per_epoch}) on {device} "
                           f"({trainer.precision})", markup=False)
@@ -186,9 +185,9 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
                 line += f", test top-1 {_pct(summary['test_top1'])}"
             console.print(line + f"; {summary['img_per_s']:.1f} img/s", markup=False)
 
-            if recipe["train"]["merge"]:
+            if recipe.train.merge:
                 t = time.perf_counter()
-                info = merge_run(paths.root, mode=recipe["eval"]["merge_mode"], model=net, log=log)
+                info = merge_run(paths.root, mode=recipe.eval.merge_mode, model=net, log=log)
                 summary = _timing(paths, "merge_seconds", time.perf_counter() - t)
                 console.print(f"merged ({info['format']}, {info['mode']}) -> {info['path']}: max |Δlogit| "
                               f"{info['max_abs_diff']:.3g} (relative {info['max_rel_diff']:.3g})", markup=False)
@@ -198,19 +197,11 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
     return paths.root
 
 
-def write_json_text(path: Path, text: str) -> None:
-    from surgeon.train.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.2f}%"
 
 
 def _timing(paths: RunPaths, key: str, seconds: float) -> dict:
-    from surgeon.run import read_json
-
     summary = read_json(paths.summary)
     summary.setdefault("timings", {})[key] = seconds
     write_json(paths.summary, summary)
@@ -221,10 +212,6 @@ def _write_analysis(model, paths: RunPaths, console: Console) -> None:
     """``analysis.json``: the experts' mean pairwise cosine similarity (MLAE paper Figs. 4-5), for
     LoRA-family runs; nothing for other methods."""
     try:
-        from surgeon.methods.mlae import expert_similarity
-    except ImportError:
-        return
-    try:
         sim = expert_similarity(model)
     except Exception as exc:  # noqa: BLE001 - an analysis must not cost the run its results
         console.print(f"warning: expert similarity not computed ({type(exc).__name__}: {exc})", markup=False)
@@ -233,7 +220,7 @@ def _write_analysis(model, paths: RunPaths, console: Console) -> None:
         return
     matrices = [m.tolist() for m in sim["matrices"].values()]
     same = matrices and all(len(m) == len(matrices[0]) for m in matrices)
-    write_json(paths.root / "analysis.json", {"expert_similarity": {
+    write_json(paths.analysis, {"expert_similarity": {
         "mean": sim["mean"],
         "per_layer": [{"module": k, "mean": v} for k, v in sim["layers"].items()],
         "matrix": matrices if same else matrices[:1],
@@ -241,11 +228,6 @@ def _write_analysis(model, paths: RunPaths, console: Console) -> None:
 
 
 def _report(paths: RunPaths, console: Console) -> None:
-    try:
-        from surgeon.report import write_report
-    except ImportError as exc:
-        console.print(f"report skipped: surgeon.report is not available ({exc})", markup=False)
-        return
     try:
         report = write_report(paths.root)
     except UserError as exc:

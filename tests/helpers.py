@@ -1,14 +1,18 @@
-"""Tiny data and recipes for the training / run / weights tests (written by the tests themselves)."""
+"""Helpers shared by the tests (not tests themselves): paths, tiny data and recipes."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
-TINY_MODEL = {"name": "vit_tiny_patch16_224", "pretrained": False,
-              "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_VIT = {"name": "vit_tiny_patch16_224", "pretrained": False,
+            "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+TINY_MODEL = TINY_VIT
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (200, 200, 40)]
 
 
@@ -49,20 +53,17 @@ def write_recipe(path: Path, data_root: Path | str, *, surgery: list | None = No
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machines two OpenMP threads that compete with
-    other processes make a tiny step ~30x slower (measured: 1.5 s vs 53 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Run in a fresh interpreter: load RUN/merged with plain timm (argv[1]), compare with saved
+#: (input, expected logits) (argv[2]), and prove surgeon was never imported.
+PLAIN_TIMM_CHECK = r"""
+import sys, torch, timm
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+x, expected = torch.load(sys.argv[2])
+with torch.no_grad():
+    diff = (model(x) - expected).abs().max().item()
+assert not any(m == "surgeon" or m.startswith("surgeon.") for m in sys.modules), "surgeon was imported"
+print(diff, model.num_classes, len(model.blocks))
+"""

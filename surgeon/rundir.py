@@ -1,0 +1,198 @@
+"""The run directory: its layout, its event log, reading its recipe, naming new runs.
+
+```
+RUN/recipe.yaml               the resolved recipe (written before training starts)
+RUN/metrics.jsonl             one JSON event per line (start, train, eval, nonfinite, end, merge)
+RUN/summary.json              final metrics, parameters, timings
+RUN/predictions_<split>.json  {"labels", "preds", "class_names"} of the final evaluation split
+RUN/analysis.json             expert similarity (LoRA-family runs)
+RUN/adapter.safetensors       the surgery's tensors of the selected (best-val) state
+RUN/checkpoints/last.pt       resumable training state (atomic)
+RUN/checkpoints/best.safetensors  surgery tensors of the best validation state so far
+RUN/merged/                   after merge: a timm local-dir folder, or a dense-adapter checkpoint
+```
+
+This module only knows where things are and how the event log is written; it builds no model.
+Rebuilding a trained model from a run is :mod:`surgeon.runload`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import yaml
+
+from surgeon.errors import UserError
+from surgeon.io import json_default, read_json
+
+#: Path components that name a split, not a data set (``imagefolder:data/cub/train`` is "cub").
+_GENERIC_PARTS = {"train", "val", "valid", "validation", "test", "images", "data", "train800val200", ""}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each artefact of a run lives."""
+
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter.safetensors"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.safetensors"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis.json"
+
+    def predictions(self, split: str) -> Path:
+        return self.root / f"predictions_{split}.json"
+
+
+# --------------------------------------------------------------------------- the recipe
+
+def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted paths where two resolved recipes (as mappings) differ (``a.b: old -> new``)."""
+    out = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{path}: (absent) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{path}: {old[key]!r} -> (absent)")
+            else:
+                out.extend(recipe_differences(old[key], new[key], path))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            out.extend(recipe_differences(a, b, f"{prefix}.{i}"))
+    elif old != new:
+        out.append(f"{prefix}: {old!r} -> {new!r}")
+    return out
+
+
+def read_run_recipe(run_dir: Path) -> dict:
+    """``RUN/recipe.yaml`` as a dict. Raises :class:`UserError` for a missing/unreadable run."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserError(f"run directory {str(run_dir)!r} does not exist",
+                        hint="pass the directory `surgeon apply` printed as its last line")
+    if not run_dir.is_dir():
+        raise UserError(f"{str(run_dir)!r} is not a directory", hint="pass a run directory")
+    path = RunPaths(run_dir).recipe
+    if not path.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a surgeon run directory: it has no recipe.yaml",
+                        hint="pass the directory `surgeon apply` printed as its last line")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"cannot read the run's recipe: {exc}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise UserError("the run's recipe is not a mapping", where=str(path))
+    return data
+
+
+def dataset_short_name(source: str) -> str:
+    """The column name of a data set in comparisons and run names: ``builtin:digits`` → ``digits``,
+    ``vtab1k:/data/vtab/cifar`` → ``cifar``, ``imagefolder:data/cub/train`` → ``cub``."""
+    scheme, sep, arg = str(source).partition(":")
+    if not sep:
+        return str(source)
+    if scheme == "builtin":
+        return arg
+    path = PurePath(arg.rstrip("/\\"))
+    if scheme == "filelist":
+        path = path.with_suffix("")
+    for part in reversed(path.parts):
+        if part.lower() not in _GENERIC_PARTS:
+            return part
+    return arg or scheme
+
+
+def default_run_dir(recipe, runs_root: Path = Path("runs")) -> Path:
+    """``runs/<recipe>-<model>-<data>-<YYYYmmdd-HHMMSS>`` (a numeric suffix if it exists) for a
+    :class:`~surgeon.recipe.Recipe`."""
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_") or "x"
+
+    data = dataset_short_name(recipe.data.source)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = runs_root / f"{slug(recipe.name)}-{slug(recipe.model.name)}-{slug(data)}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def merged_kind(run_dir: Path) -> str | None:
+    """``"timm"`` (a timm local-dir folder), ``"dense-adapter"``, or None if not merged."""
+    info = RunPaths(Path(run_dir)).merged / "surgeon.json"
+    if not info.is_file():
+        return None
+    return read_json(info).get("format")
+
+
+# ---------------------------------------------------------------------------- event log
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per line, flushed per event.
+
+    ``offset()`` is the file size after the last complete event; a checkpoint records it and a
+    resumed run truncates the log there, so events logged after the checkpoint (and redone
+    after resuming) are not duplicated.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, event: str, **fields) -> dict:
+        record = {"event": event, **fields}
+        self._file.write(json.dumps(record, allow_nan=False, default=json_default) + "\n")
+        self._file.flush()
+        return record
+
+    def offset(self) -> int:
+        self._file.flush()
+        return self._file.tell()
+
+    def truncate(self, offset: int) -> None:
+        """Drop everything after byte ``offset`` (and a torn last line)."""
+        self._file.flush()
+        self._file.truncate(min(offset, self.path.stat().st_size))
+        self._file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        self._file.close()
