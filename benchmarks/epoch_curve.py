@@ -29,7 +29,7 @@ def run_cells(out: Path, batch: int, epochs: list[int], worker: int, workers: in
     import torch
     from rich.console import Console
 
-    from surgeon.train.apply import apply_recipe
+    from surgeon.apply import apply_recipe
 
     torch.set_num_threads(1)
     console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -18,6 +18,8 @@ import random
 import statistics
 from dataclasses import dataclass
 
+from .tables import Table
+
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
@@ -90,10 +92,8 @@ def ordering(scores: dict[tuple[str, str, object], float], better: str, worse: s
     return Ordering(better, worse, len(diffs), statistics.fmean(diffs), low, high, per_task)
 
 
-def orderings_table(results: list[Ordering]):
+def orderings_table(results: list[Ordering]) -> Table:
     """A report table: claim | pairs | mean difference [95% CI] | per-task sign | verdict."""
-    from .tables import Table
-
     rows = []
     for o in results:
         interval = "—" if o.mean is None else f"{o.mean:+.2f} [{o.low:+.2f}, {o.high:+.2f}]"

@@ -3,7 +3,7 @@
 1. Every ``--grid`` value (and every combination) is checked against the recipe schema before
    anything trains.
 2. Each trial is an ordinary run directory (``OUT/trials/<n>-<values>``, made by
-   :func:`surgeon.train.apply.apply_recipe`) trained with ``data.protocol: tune`` (train800,
+   :func:`surgeon.apply.apply_recipe`) trained with ``data.protocol: tune`` (train800,
    scored on val200, no test split touched) and ``train.merge: false``. Its objective is the
    val top-1 of the **last** evaluation (the end of the schedule); the best-epoch val top-1 is
    recorded too. Diverged trials and trials a :class:`~surgeon.errors.UserError` stops are
