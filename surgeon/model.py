@@ -15,7 +15,7 @@ from surgeon.backbone import create_backbone
 from surgeon.errors import UserError
 from surgeon.recipe import Recipe, load_recipe
 from surgeon.seeding import seed_everything
-from surgeon.surgery import apply_surgery
+from surgeon.surgery import apply_surgery, classifier_heads
 from surgeon.weights import check_load_report, load_report
 
 
@@ -63,8 +63,8 @@ def build_checked_model(recipe: Recipe, *, num_classes: int | None = None, weigh
         raise UserError(f"cannot load the pretrained weights {pretrained!r} into {recipe.model.name}: {first}",
                         where=where, hint=hint) from None
     if pretrained is not False:
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        head_names = [n for n, m in model.named_modules() if m is head and n] or ["head", "fc", "classifier"]
+        heads = {id(h) for h in classifier_heads(model)}  # two for distilled models (LeViT, DeiT-distilled)
+        head_names = [n for n, m in model.named_modules() if id(m) in heads and n] or ["head", "fc", "classifier"]
         check_load_report(report, head_names, str(pretrained))
     return model.to(device)
 

@@ -243,5 +243,7 @@ def test_missing_or_late_sibling_is_a_located_recipe_error():
     with pytest.raises(RecipeError, match="has no child named foo"):
         build(**{"surgery.0.adapter.input_from": ["foo"]})
     # fc1's sibling `norm` exists in timm's Mlp but runs after fc1: the probe finds out, at the rule's line.
+    # (The shipped recipe says {mlp: norm}, which finds no norm in front of fc1 and reads fc1's input.)
     with pytest.raises(RecipeError, match=r"--set surgery\.0\.target=.*: surgery\.0\.target: .*did not run before it"):
-        build(**{"surgery.0.target": "blocks.*.mlp.fc1", "surgery.0.adapter.placement": "parallel"})
+        build(**{"surgery.0.target": "blocks.*.mlp.fc1", "surgery.0.adapter.placement": "parallel",
+                 "surgery.0.adapter.input_from": ["norm2", "norm"]})

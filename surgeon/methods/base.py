@@ -94,6 +94,9 @@ class PatchContext:
         init_generator: seeded generator for surgery-time randomness (masks, pruning, init).
         root: the model being patched (to find a module's siblings, e.g. ``adapter.input_from``).
         state: what the method's :meth:`Method.prepare` returned for this rule (None by default).
+        rows: ``{part: ((first row, end row), ...)}`` when a semantic target adapts only parts of
+            this module's output rows (q and v of a fused projection), else None. Only methods
+            with :attr:`Method.takes_rows` get one.
     """
 
     rule: Rule
@@ -104,6 +107,7 @@ class PatchContext:
     init_generator: torch.Generator
     root: nn.Module | None = None
     state: Any = None
+    rows: dict[str, tuple[tuple[int, int], ...]] | None = None
 
 
 class SurgeryLayer(nn.Module):
@@ -154,6 +158,9 @@ class Method:
     #: True for methods that train the matched modules' own parameters (``unfreeze``): they may
     #: match the classifier head, and matched modules they cannot patch are skipped, not errors.
     trains_own_parameters: ClassVar[bool] = False
+    #: True for methods that can adapt only some output rows of a layer (``PatchContext.rows``: the
+    #: q/k/v parts of a fused projection a semantic target names), i.e. the low-rank family.
+    takes_rows: ClassVar[bool] = False
 
     def cannot_patch(self, name: str, module: nn.Module, rule: Rule) -> str | None:
         """Why this method cannot patch ``module`` (a sentence), or None if it can."""

@@ -3,8 +3,10 @@
 Every method of the family adds ``ΔW = B · diag(c) · A`` to a frozen ``base_layer`` weight:
 
 - ``A`` (down) ``[R, in·kh·kw]`` and ``B`` (up) ``[out, R]`` are made of one (A, B) pair per
-  *group*: the whole layer, or each adapted third (``q``, ``k``, ``v``) of a fused qkv
-  Linear. A group's ``B`` only fills its third's rows, so ``B`` is block-structured. Each is a
+  *group*: the whole layer, or each adapted part (``q``, ``k``, ``v``) of a fused projection —
+  timm's ``[q | k | v]`` thirds, or the rows a semantic target found (a per-head layout gives a
+  part many spans of rows). A group's ``B`` only fills its part's rows, so ``B`` is
+  block-structured. Each is a
   :class:`~surgeon.methods.matrices.Matrix` strategy: dense, expert-split (MoSL) or pruned
   (SparseLoRA), chosen by the rule's modifiers;
 - ``c`` ``[R]`` is the per-rank scaling, a :class:`Weighting` strategy: :class:`FixedScale`
@@ -30,7 +32,7 @@ dict gets exactly the plain timm keys back.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -88,13 +90,34 @@ def module_problem(module: nn.Module, slices, name: str | None = None) -> str | 
     return None
 
 
-def slice_groups(module: nn.Module, slices) -> list[tuple[str, int, int]]:
-    """The adapted output rows: ``[(group name, first row, end row)]`` in q, k, v order."""
+Spans = tuple[tuple[int, int], ...]
+
+
+class RowGroup(NamedTuple):
+    """One (A, B) pair's output rows: ``spans`` of ``(first row, end row)``, in order."""
+
+    name: str
+    spans: Spans
+
+    @property
+    def size(self) -> int:
+        """How many output rows the group adapts (the rows of its ``B``)."""
+        return sum(r1 - r0 for r0, r1 in self.spans)
+
+
+def slice_groups(module: nn.Module, slices, rows: dict[str, Spans] | None = None) -> list[RowGroup]:
+    """The adapted output rows, one :class:`RowGroup` per (A, B) pair.
+
+    ``rows`` (``{part: spans}``, from a semantic target) wins; else ``slices`` cut a fused qkv in
+    thirds, in q, k, v order; else the whole layer is one group.
+    """
+    if rows:
+        return [RowGroup(name, tuple(tuple(span) for span in spans)) for name, spans in rows.items()]
     out = out_features(module)
     if not slices:
-        return [(WHOLE, 0, out)]
+        return [RowGroup(WHOLE, ((0, out),))]
     third = out // 3
-    return [(s, SLICE_INDEX[s] * third, (SLICE_INDEX[s] + 1) * third)
+    return [RowGroup(s, ((SLICE_INDEX[s] * third, (SLICE_INDEX[s] + 1) * third),))
             for s in sorted(slices, key=SLICE_INDEX.__getitem__)]
 
 
@@ -113,22 +136,37 @@ def stack_down(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(_grouped(weights), dim=-2)
 
 
-def block_up(weights: list[torch.Tensor], rows: list[tuple[int, int]], out: int) -> torch.Tensor:
+def block_up(weights: list[torch.Tensor], rows: list[Spans], out: int) -> torch.Tensor:
     """Per-group ``B_s [(G,) d_s, r_s]`` → block matrix ``B [(G,) out, R]``.
 
-    Group s fills rows ``rows[s]`` and its own rank columns; everything else is zero, so one
-    matmul puts every group's update into its output slice.
+    Group s fills the row spans ``rows[s]`` (its ``d_s`` rows, in order) and its own rank
+    columns; everything else is zero, so one matmul puts every group's update into its rows.
     """
-    if len(weights) == 1 and rows[0] == (0, out):
+    if len(weights) == 1 and tuple(rows[0]) == ((0, out),):
         return weights[0]
     weights = _grouped(weights)
     total = sum(w.shape[-1] for w in weights)
     full = weights[0].new_zeros(*weights[0].shape[:-2], out, total)
     col = 0
-    for w, (r0, r1) in zip(weights, rows):
-        full[..., r0:r1, col:col + w.shape[-1]] = w  # differentiable: autograd tracks the copy
+    for w, spans in zip(weights, rows):
+        cols = slice(col, col + w.shape[-1])
+        if len(spans) == 1:
+            r0, r1 = spans[0]
+            full[..., r0:r1, cols] = w  # differentiable: autograd tracks the copy
+        else:
+            start = 0
+            for r0, r1 in spans:
+                full[..., r0:r1, cols] = w[..., start:start + r1 - r0, :]
+                start += r1 - r0
         col += w.shape[-1]
     return full
+
+
+def group_rows(tensor: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """The rows of ``tensor`` (dim 0) that ``spans`` name, in order."""
+    if len(spans) == 1:
+        return tensor[spans[0][0]:spans[0][1]]
+    return torch.cat([tensor[r0:r1] for r0, r1 in spans])
 
 
 def scale_columns(up: torch.Tensor, coefficients: torch.Tensor | float) -> torch.Tensor:
@@ -314,6 +352,9 @@ class LowRankLayer(SurgeryLayer):
         ctx: the patch context (rule modifiers for the matrices, sampler, init generator).
         method_name: shown in messages (``lora``, ``mlae``, ``dora``).
         slices: adapt only these thirds of a fused qkv (one (A, B) pair each), or None.
+        rows: ``{part: row spans}`` to adapt instead (one (A, B) pair each): what a semantic
+            target found in a fused projection (e.g. PVTv2's ``kv`` for ``v``, LeViT's per-head
+            ``qkv``). None: ``slices`` decide.
         rank: rows of each group's ``A``.
         init_down: ``(rank, fan_in, generator) -> [rank, fan_in]`` CPU init of ``A`` (``B`` is 0).
         weighting: the :class:`Weighting` strategy for ``c``.
@@ -324,7 +365,7 @@ class LowRankLayer(SurgeryLayer):
     what the strategies register (``coefficient`` for MLAE, ``magnitude`` for DoRA).
 
     Attributes:
-        parts: ``[(group name, first row, end row)]`` — the adapted output rows per group.
+        parts: one :class:`RowGroup` per (A, B) pair — the adapted output rows per group.
         target_name: the module's name in the model (used in messages).
     """
 
@@ -333,11 +374,11 @@ class LowRankLayer(SurgeryLayer):
 
     def __init__(self, base_layer: nn.Module, ctx: PatchContext, *, method_name: str, slices, rank: int,
                  init_down: Callable, weighting: Weighting, dropout: float = 0.0,
-                 decomposition: Decomposition | None = None):
+                 decomposition: Decomposition | None = None, rows: dict[str, Spans] | None = None):
         super().__init__(base_layer)
         self.method_name = method_name
         self.is_conv = isinstance(base_layer, nn.Conv2d)
-        self.parts = slice_groups(base_layer, slices)
+        self.parts = slice_groups(base_layer, slices, rows)
         self.out_rows = out_features(base_layer)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.target_name = ""
@@ -345,9 +386,9 @@ class LowRankLayer(SurgeryLayer):
         self.decomposition = decomposition
         ref = base_layer.weight
         self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
-        for name, r0, r1 in self.parts:
+        for name, spans in self.parts:
             a = init_down(rank, fan_in(base_layer), ctx.init_generator)
-            b = torch.zeros(r1 - r0, rank)
+            b = torch.zeros(RowGroup(name, spans).size, rank)
             self.down[name] = make_matrix(a.to(ref.device, ref.dtype), "down", ctx.rule, ctx)
             self.up[name] = make_matrix(b.to(ref.device, ref.dtype), "up", ctx.rule, ctx)
         weighting.attach(self)
@@ -357,15 +398,15 @@ class LowRankLayer(SurgeryLayer):
     @property
     def adapted(self) -> str:
         """The adapted groups as text: ``all`` or e.g. ``q+v``."""
-        return "+".join(name for name, _, _ in self.parts)
+        return "+".join(group.name for group in self.parts)
 
     # ------------------------------------------------------------------ factors
     def coefficients(self) -> torch.Tensor | float:
         """``c`` for this forward pass (draws masks where the weighting masks)."""
         return self.weighting.value(self)
 
-    def _rows(self) -> list[tuple[int, int]]:
-        return [(r0, r1) for _, r0, r1 in self.parts]
+    def _rows(self) -> list[Spans]:
+        return [group.spans for group in self.parts]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [(G,) R, fan_in], B diag(c) [(G,) out, R])`` for this forward (draws experts/masks)."""
@@ -374,14 +415,14 @@ class LowRankLayer(SurgeryLayer):
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
         """``(A, B, c)`` for this forward, ``c`` not yet applied (draws in the same order as :meth:`factors`)."""
-        keys = [name for name, _, _ in self.parts]
+        keys = [group.name for group in self.parts]
         down = stack_down([self.down[k].effective()[0] for k in keys])
         up = block_up([self.up[k].effective()[0] for k in keys], self._rows(), self.out_rows)
         return down, up, self.coefficients()
 
     def merged_factors(self, mode: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
         """fp32, detached ``(A [R, fan_in], B diag(c) [out, R])`` after merging expert-split matrices."""
-        keys = [name for name, _, _ in self.parts]
+        keys = [group.name for group in self.parts]
         down = stack_down([self.down[k].merged(mode)[0] for k in keys])
         up = block_up([self.up[k].merged(mode)[0] for k in keys], self._rows(), self.out_rows)
         return down, scale_columns(up, self.weighting.merged(self))
@@ -510,9 +551,10 @@ class LowRankLayer(SurgeryLayer):
         """
         down, up = self.merged_factors("average")
         out, col = [], 0
-        for name, r0, r1 in self.parts:
+        for name, spans in self.parts:
             rank = self.down[name].out_features
-            out.append((name, down[col:col + rank], up[r0:r1, col:col + rank], self.weighting.rank_per_expert()))
+            out.append((name, down[col:col + rank], group_rows(up, spans)[:, col:col + rank],
+                        self.weighting.rank_per_expert()))
             col += rank
         return out
 
@@ -527,6 +569,7 @@ def gaussian_lora_like_down(rank: int, fan: int, generator: torch.Generator | No
     return gaussian_down(rank, fan, lora_like_std(fan), generator)
 
 
-__all__ = ["Decomposition", "FixedScale", "LearnedCoefficients", "LowRankLayer", "MaskedCoefficients", "SLICE_INDEX",
-           "WHOLE", "Weighting", "block_up", "fan_in", "gaussian_down", "is_fused_qkv", "kaiming_down",
-           "lora_like_std", "module_problem", "scale_columns", "slice_groups", "stack_down"]
+__all__ = ["Decomposition", "FixedScale", "LearnedCoefficients", "LowRankLayer", "MaskedCoefficients", "RowGroup",
+           "SLICE_INDEX", "Spans", "WHOLE", "Weighting", "block_up", "fan_in", "gaussian_down", "group_rows",
+           "is_fused_qkv", "kaiming_down", "lora_like_std", "module_problem", "scale_columns", "slice_groups",
+           "stack_down"]

@@ -24,6 +24,7 @@ from surgeon.config import build
 
 from . import modifiers as mod
 from .modifiers import ExpertsConfig, PruneConfig
+from .targets import SemanticTarget, build_target, target_markdown
 
 Problem = tuple[str, str, str, "str | None"]
 Where = Callable[[tuple], str]
@@ -34,13 +35,14 @@ class Rule:
     """One validated surgery rule: its selector, its method and that method's typed config.
 
     Attributes:
-        target: a selector (glob or ``re:``) or a tuple of them.
+        target: a selector (glob or ``re:``), a tuple of them, or a
+            :class:`~surgeon.methods.targets.SemanticTarget`.
         method: the recipe key of the rule's method (``adapter``, ``lora``, ...).
         config: the method's config (its spec's ``config_type``; a plain string for ``unfreeze``).
         experts, prune: the modifiers, None when absent.
     """
 
-    target: str | tuple[str, ...]
+    target: str | tuple[str, ...] | SemanticTarget
     method: str
     config: Any
     experts: ExpertsConfig | None = None
@@ -142,18 +144,30 @@ def parse_rule(data: dict) -> Rule:
     return Rule(target=build_target(data["target"]), method=key, config=get_spec(key).parse(data[key]), **parts)
 
 
-def build_target(target):
-    return target if isinstance(target, str) else tuple(target)
-
-
 def rule_problems(rule: Rule, at: tuple, where: Where, *, optimizer: str) -> list[Problem]:
     """Every static problem of one rule: its modifiers, its method's own checks, the experts'
     decay against the optimizer."""
     out = mod.structure_problems(rule.method, rule.experts, rule.prune, at, where,
                                  accepting("experts"), accepting("prune"))
+    out += target_problems(rule, at, where)
     out += rule.spec.problems(rule, at, where)
     out += mod.training_problems(rule.experts, optimizer, at, where)
     return out
+
+
+def target_problems(rule: Rule, at: tuple, where: Where) -> list[Problem]:
+    """A semantic target that names q/k/v parts says which rows to adapt: a method's own
+    ``slices`` would say it twice."""
+    target = rule.target
+    slices = getattr(rule.config, "slices", None)
+    if isinstance(target, SemanticTarget) and slices:
+        parts = target.sliced_parts()
+        hint = (f"write target: {{attention: [{', '.join(slices)}]}} and remove {rule.method}.slices" if not parts
+                else f"remove {rule.method}.slices")
+        return [(where(at + (rule.method, "slices")), f"surgery.{at[1]}.{rule.method}.slices",
+                 f"slices apply to a selector's fused qkv; the semantic target {target.text()} names its own parts",
+                 hint)]
+    return []
 
 
 def is_stochastic(rule: Rule) -> bool:
@@ -166,9 +180,7 @@ def describe_rule(rule: Rule, merge_mode: str = "average") -> str:
     spec = rule.spec
     parts = [spec.describe(rule)] + mod.describe(rule.experts, rule.prune, spec.matrix_names, spec.matrix_biases,
                                                  merge_mode)
-    target = rule.target
-    selector = ", ".join(f"`{t}`" for t in target) if isinstance(target, tuple) else f"`{target}`"
-    return f"{selector}: " + "; ".join(parts)
+    return f"{target_markdown(rule.target)}: " + "; ".join(parts)
 
 
 def fmt_number(x) -> str:

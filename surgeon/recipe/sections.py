@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgeon.methods.modes import INFERENCE_MODES, MERGE_MODES
+from surgeon.methods.targets import TARGET_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -152,17 +153,7 @@ EXTENDS_SCHEMA = {
     ),
 }
 
-SELECTOR_SCHEMA = {
-    "description": (
-        "Module names to patch. A glob over dotted names (`model.named_modules()`): `*` = one name segment, `**` ="
-        " any number of segments (also none), `{a,b}` alternatives, `{0..5}` an integer range; or a regular "
-        "expression prefixed with `re:` (full match). A list selects the union."
-    ),
-    "oneOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-    ],
-}
+SELECTOR_SCHEMA = TARGET_SCHEMA  # a rule's target: selectors or a semantic target (surgeon/methods/targets.py)
 
 MODEL_SCHEMA = {
     "type": "object",

@@ -18,10 +18,12 @@ def plan_tables(plan, *, title: str = "") -> list[Table]:
     """Rich tables of a :class:`~surgeon.surgery.SurgeryPlan`: one row per selector, one per group
     of modules patched alike, and the totals."""
     matches = Table(title=f"{title} — selectors" if title else "selectors", title_justify="left")
-    for col in ("rule", "selector", "method", "matched"):
+    semantic = any("resolved" in m for m in plan.matches)  # a semantic target: show what it found
+    for col in ("rule", "selector", "method", "matched") + (("resolved to",) if semantic else ()):
         matches.add_column(col, justify="right" if col in ("rule", "matched") else "left")
     for m in plan.matches:
-        matches.add_row(str(m["rule"]), escape(m["selector"]), m["method"], str(m["count"]))
+        matches.add_row(str(m["rule"]), escape(m["selector"]), m["method"], str(m["count"]),
+                        *((escape(m.get("resolved", "")),) if semantic else ()))
 
     # Modules patched alike differ only in their block index: one row each (blocks.*.mlp × 12).
     targets = Table(title="patched modules", title_justify="left")

@@ -211,10 +211,11 @@ def parameter_tables(plan: dict) -> list[Table]:
     tables = []
     matches = plan.get("matches") or []
     if matches:
-        tables.append(Table(["rule", "selector", "method", "modules matched"],
+        semantic = any("resolved" in m for m in matches)  # a semantic target: what it found in this backbone
+        tables.append(Table(["rule", "selector", "method", "modules matched"] + (["resolved to"] if semantic else []),
                             [[str(m.get("rule", "")), f"`{m.get('selector', '')}`", str(m.get("method", "")),
-                              count(m.get("count"))] for m in matches],
-                            ["r", "l", "l", "r"], title="Selectors"))
+                              count(m.get("count"))] + ([m.get("resolved", "")] if semantic else []) for m in matches],
+                            ["r", "l", "l", "r"] + (["l"] if semantic else []), title="Selectors"))
     targets = plan.get("targets") or []
     if targets:
         rows = []

@@ -19,8 +19,11 @@ from surgeon.errors import RecipeError, UserError
 from surgeon.methods.base import ExpertSampler, PatchContext, RuleContext, SurgeryLayer, get_method
 from surgeon.methods.modes import MERGE_MODES
 from surgeon.methods.registry import Rule
+from surgeon.methods.targets import SemanticTarget, target_text
 
+from .anatomy import anatomy
 from .selectors import select_modules
+from .targets import Match, TargetError, describe_matches, resolve_target
 
 Locate = Callable[[tuple], str]
 
@@ -47,7 +50,8 @@ class SurgeryPlan:
         head_params: parameters of the (re-initialised, always trained) classifier head.
         trainable_params: every tensor element the optimizer updates (may exceed
             extra + head: a pruned matrix is stored whole).
-        matches: per rule, ``{"rule", "selector", "method", "count"}``.
+        matches: per rule, ``{"rule", "selector", "method", "count"}``, and ``"resolved"`` (what
+            the modules are, e.g. ``12 × blocks.*.attn.qkv [q, v]``) for a semantic target.
         targets: per patched module, a :class:`Target`.
     """
 
@@ -66,7 +70,7 @@ class SurgeryPlan:
 
 
 def _selector_text(selector) -> str:
-    return selector if isinstance(selector, str) else ", ".join(selector)
+    return target_text(selector)
 
 
 def _nearby_names(model: nn.Module, selector) -> str | None:
@@ -80,10 +84,17 @@ def _nearby_names(model: nn.Module, selector) -> str | None:
     return "list module names with: python -c \"import timm; print([n for n,_ in timm.create_model('NAME').named_modules()])\""
 
 
-def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the classifier head (timm's ``get_classifier``)."""
+def classifier_heads(model: nn.Module) -> list[nn.Module]:
+    """The classifier head modules (timm's ``get_classifier``; distilled models such as LeViT
+    and DeiT-distilled return two, the class and the distillation head)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    return list(head.parameters()) if isinstance(head, nn.Module) else []
+    heads = head if isinstance(head, (tuple, list)) else [head]
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classifier head(s) (timm's ``get_classifier``)."""
+    return [p for head in classifier_heads(model) for p in head.parameters()]
 
 
 def _parent_map(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
@@ -106,8 +117,7 @@ def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, see
     head_ids = {id(p) for p in classifier_parameters(model)}
     original_ids = {id(p) for p in model.parameters()}
     backbone_params = sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
-    head_modules = {id(m) for m in ([model.get_classifier()] if hasattr(model, "get_classifier") else [])
-                    if isinstance(m, nn.Module)}
+    head_modules = {id(m) for m in classifier_heads(model)}
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -118,26 +128,52 @@ def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, see
     plan_matches: list[dict] = []
     targets: list[Target] = []
 
-    # Resolve every selector on the pristine model, so one rule's wrappers do not rename
+    # Resolve every target on the pristine model, so one rule's wrappers do not rename
     # the modules another rule targets.
     named = dict(model.named_modules())
-    resolved = []
+    resolved: list[list[Match] | TargetError] = []
+    anat = None
     for i, rule in enumerate(rules):
-        names = select_modules(model, rule.target)
-        resolved.append([(n, named[n]) for n in names])
+        if isinstance(rule.target, SemanticTarget):
+            anat = anat or anatomy(model)
+            try:
+                resolved.append(resolve_target(model, rule.target, anat))
+            except TargetError as exc:
+                resolved.append(exc)
+        else:
+            resolved.append([Match(n, named[n]) for n in select_modules(model, rule.target)])
 
     parents = _parent_map(model)
     current: dict[int, nn.Module] = {}  # id(original module) -> its replacement
     patched: list[tuple[int, str, SurgeryLayer]] = []
-    for i, (rule, matches) in enumerate(zip(rules, resolved)):
+    for i, (rule, found) in enumerate(zip(rules, resolved)):
         method = get_method(rule.method)
         name_shown = rule.spec.display_name(rule)
         where = locate(("surgery", i, "target"))
         sel = _selector_text(rule.target)
-        plan_matches.append({"rule": i, "selector": sel, "method": name_shown, "count": len(matches)})
+        if isinstance(found, TargetError):
+            plan_matches.append({"rule": i, "selector": sel, "method": name_shown, "count": 0, "resolved": ""})
+            problems.append((where, f"surgery.{i}.target", f"target {sel}: {found}",
+                             "the target names parts this backbone does not have; use a selector (module names) "
+                             "or another target"))
+            continue
+        entry = {"rule": i, "selector": sel, "method": name_shown, "count": len(found)}
+        if isinstance(rule.target, SemanticTarget):
+            entry["resolved"] = describe_matches(found)
+        plan_matches.append(entry)
+        rows = {m.name: m.rows for m in found if m.rows}
+        matches = [(m.name, m.module) for m in found]
         if not matches:
             problems.append((where, f"surgery.{i}.target", f"selector '{sel}' matches no module of {type(model).__name__}",
                              _nearby_names(model, rule.target)))
+            continue
+        if rows and not method.takes_rows:
+            first = next(iter(rows))
+            problems.append((where, f"surgery.{i}.target",
+                             f"target {sel} names parts of fused projections ({first}: {', '.join(rows[first])}), "
+                             f"which {name_shown} cannot patch: it wraps whole modules",
+                             "use {attention: block} / {attention: qkv} for whole modules, or a low-rank method "
+                             "(lora, dora, mlae)"))
             continue
         if not method.trains_own_parameters:
             heads = [n for n, m in matches if id(m) in head_modules]
@@ -169,7 +205,8 @@ def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, see
             continue
         for j, (mod_name, module) in enumerate(matches):
             ctx = PatchContext(rule=rule, rule_index=i, layer_index=j, num_layers=len(matches),
-                               sampler=sampler, init_generator=init_generator, root=model, state=state)
+                               sampler=sampler, init_generator=init_generator, root=model, state=state,
+                               rows=rows.get(mod_name))
             target_module = current.get(id(module), module)
             try:
                 before = {id(p) for p in target_module.parameters() if p.requires_grad}

@@ -28,17 +28,17 @@ def explicit_weight(layer, *, detach_norm: bool = True) -> torch.Tensor:
     delta = torch.zeros_like(weight)
     m = torch.ones(weight.shape[0])
     col = 0
-    for name, r0, r1 in layer.parts:
+    adapted = torch.zeros(weight.shape[0], dtype=torch.bool)
+    for name, spans in layer.parts:
         a, b = layer.down[name].weight, layer.up[name].weight
-        delta[r0:r1] = (layer.weighting.scaling * b @ a).reshape(delta[r0:r1].shape)
-        m = torch.cat([m[:r0], layer.magnitude[col:col + r1 - r0], m[r1:]])
-        col += r1 - r0
+        rows = torch.cat([torch.arange(r0, r1) for r0, r1 in spans])  # the group's rows, in B's order
+        delta[rows] = (layer.weighting.scaling * b @ a).reshape(delta[rows].shape)
+        m = m.index_put((rows,), layer.magnitude[col:col + len(rows)])
+        adapted[rows] = True
+        col += len(rows)
     combined = weight + delta
     norm = combined.flatten(1).norm(dim=1)
     norm = norm.detach() if detach_norm else norm
-    adapted = torch.zeros(weight.shape[0], dtype=torch.bool)
-    for _, r0, r1 in layer.parts:
-        adapted[r0:r1] = True
     scale = torch.where(adapted, m / norm, torch.ones_like(norm))
     return combined * scale.reshape(-1, *([1] * (weight.dim() - 1)))
 

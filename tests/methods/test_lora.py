@@ -217,7 +217,7 @@ def test_grouped_factors_match_per_group_products():
     a_q, a_v = torch.randn(2, 3, 6, generator=gen), torch.randn(3, 6, generator=gen)
     b_q, b_v = torch.randn(4, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
     down = stack_down([a_q, a_v])
-    up = block_up([b_q, b_v], [(0, 4), (8, 12)], 12)
+    up = block_up([b_q, b_v], [((0, 4),), ((8, 12),)], 12)
     assert down.shape == (2, 6, 6) and up.shape == (2, 12, 6)
     for g in range(2):
         expected = torch.zeros(12, 6)

@@ -32,13 +32,14 @@ def explicit_delta_output(layer: LowRankLayer, x: torch.Tensor, mask: torch.Tens
     """Σ_s Σ_j m_j λ_j B_j (A_j x), one expert at a time (the reference, loops on purpose)."""
     k, e = layer.weighting.expert_rank, layer.weighting.num_experts
     out = torch.zeros(*x.shape[:-1], layer.out_features)
-    for s, (name, r0, r1) in enumerate(layer.parts):
+    for s, (name, spans) in enumerate(layer.parts):
         a, b = layer.down[name].weight, layer.up[name].weight
+        out_rows = torch.cat([torch.arange(r0, r1) for r0, r1 in spans])  # B's rows, in order
         for j in range(e):
             index = s * e + j
             coef = layer.coefficient[index] * (1.0 if mask is None else mask[index])
             rows = slice(j * k, (j + 1) * k)
-            out[..., r0:r1] += coef * (x @ a[rows].T) @ b[:, rows].T
+            out[..., out_rows] += coef * (x @ a[rows].T) @ b[:, rows].T
     return out
 
 

@@ -8,6 +8,8 @@ the original size. Eval-time expert control is :mod:`surgeon.methods.experts`.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -15,6 +17,7 @@ from surgeon.methods.base import Method, PatchContext
 from surgeon.methods.matrices import kaiming_uniform, make_matrix
 from surgeon.methods.modifiers import is_expert_split
 from surgeon.methods.registry import Rule
+from surgeon.surgery.anatomy import norm_before
 
 from .layer import AdapterLayer, MergedAdapter, PrunedLayerNorm, module_io
 
@@ -84,7 +87,11 @@ class Adapter(Method):
         if prune is not None and prune.norm and not isinstance(layer.norm, nn.Identity):
             layer.norm = PrunedLayerNorm(layer.norm, float(prune.keep), prune.pruned, channel_dim,
                                          ctx.init_generator)
-        if cfg.input_from:
+        if isinstance(cfg.input_from, Mapping):  # {mlp: norm}: the norm in front of the target, if any
+            norm = norm_before(ctx.root, name) if ctx.root is not None else None
+            if norm is not None:
+                layer.read_input_of(norm.rpartition(".")[2], ctx.root.get_submodule(norm))
+        elif cfg.input_from:
             layer.read_input_of(*_sibling(ctx.root, name, cfg.input_from))
         layer.norm.to(device=device, dtype=dtype)
         if isinstance(layer.scale, nn.Parameter):

@@ -2,6 +2,7 @@
 MoSA (``experts``) and SparseAdapter (``prune``): config, schema, checks, description."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from surgeon.methods.modifiers import is_expert_split
@@ -19,7 +20,7 @@ class AdapterConfig:
     scale: float
     learnable_scale: bool
     dropout: float
-    input_from: str | tuple[str, ...] | None
+    input_from: str | tuple[str, ...] | Mapping | None
 
 
 SCHEMA = {
@@ -77,13 +78,18 @@ SCHEMA = {
                 {"type": "null"},
                 {"type": "string", "minLength": 1},
                 {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                 "properties": {"mlp": {"const": "norm"}, "attention": {"const": "norm"}}},
             ],
             "description": (
                 "Parallel adapters only: read the input of a sibling module (same parent) instead of the target's "
                 "own input: a name, or a list of names of which the first the parent has is used. E.g. [norm2, "
                 "norm] on target `**.blocks.*.mlp` = the residual stream in front of the MLP's norm (norm2 in "
                 "ViT/Swin/EVA/BEiT blocks, norm in ConvNeXt blocks), as the published MoSA AdaptFormer (with "
-                "`layernorm: true`, its own LayerNorm). Default null: the target's input."
+                "`layernorm: true`, its own LayerNorm). Or semantically, `{mlp: norm}` (or `{attention: norm}`): "
+                "the input of the norm the block calls right before the targeted MLP (attention), whatever its "
+                "name; where there is none (post-norm SwinV2, LeViT, a CNN block) the target's own input, which is "
+                "then the residual stream itself. Default null: the target's input."
             ),
         },
     },

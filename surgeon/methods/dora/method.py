@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgeon.methods.base import Method, PatchContext
-from surgeon.methods.lowrank import Decomposition, FixedScale, LowRankLayer, kaiming_down, module_problem
+from surgeon.methods.lowrank import Decomposition, FixedScale, LowRankLayer, group_rows, kaiming_down, module_problem
 from surgeon.methods.registry import Rule
 
 
@@ -40,19 +40,25 @@ class DoraMagnitude(Decomposition):
         weight = layer.base_layer.weight
         with torch.no_grad():  # ΔW = 0 at init (B = 0): the norms of the base weight's adapted rows
             norms = row_norms(weight.float())
-            norms = torch.cat([norms[r0:r1] for _, r0, r1 in layer.parts])
+            norms = torch.cat([group_rows(norms, group.spans) for group in layer.parts])
         layer.magnitude = nn.Parameter(norms.to(weight.dtype))
 
     def scale(self, layer: LowRankLayer, combined: torch.Tensor) -> torch.Tensor:
         """``m / ‖W + ΔW‖`` on the adapted rows and 1 on the others: ``[out]``; the norm of
         ``combined`` (= W + ΔW) is detached."""
         norms = row_norms(combined.detach())
-        pieces, pos, col = [], 0, 0
-        for _, r0, r1 in layer.parts:
+        # (first row, end row, offset in the magnitude) of every adapted span, in row order
+        spans, col = [], 0
+        for group in layer.parts:
+            for r0, r1 in group.spans:
+                spans.append((r0, r1, col))
+                col += r1 - r0
+        pieces, pos = [], 0
+        for r0, r1, col in sorted(spans):
             if r0 > pos:
                 pieces.append(norms.new_ones(r0 - pos))
             pieces.append(layer.magnitude[col:col + r1 - r0].to(norms.dtype) / norms[r0:r1])
-            col, pos = col + r1 - r0, r1
+            pos = r1
         if pos < layer.out_rows:
             pieces.append(norms.new_ones(layer.out_rows - pos))
         return torch.cat(pieces)
@@ -90,6 +96,7 @@ class DoraMagnitude(Decomposition):
 
 class Dora(Method):
     key = "dora"
+    takes_rows = True
 
     def cannot_patch(self, name: str, module: nn.Module, rule: Rule) -> str | None:
         return module_problem(module, rule.config.slices, name)
@@ -99,7 +106,7 @@ class Dora(Method):
         problem = module_problem(module, cfg.slices, name)
         if problem:  # e.g. an earlier rule already wrapped this module
             raise ValueError(problem)
-        layer = LowRankLayer(module, ctx, method_name="dora", slices=cfg.slices, rank=cfg.rank,
+        layer = LowRankLayer(module, ctx, method_name="dora", slices=cfg.slices, rows=ctx.rows, rank=cfg.rank,
                              init_down=kaiming_down, weighting=FixedScale(cfg.rank, cfg.alpha), dropout=cfg.dropout,
                              decomposition=DoraMagnitude())
         layer.target_name = name

@@ -11,6 +11,7 @@ from surgeon.methods.registry import Rule
 
 class Lora(Method):
     key = "lora"
+    takes_rows = True
 
     def cannot_patch(self, name: str, module: nn.Module, rule: Rule) -> str | None:
         return module_problem(module, rule.config.slices, name)
@@ -20,7 +21,7 @@ class Lora(Method):
         problem = module_problem(module, cfg.slices, name)
         if problem:  # e.g. an earlier rule already wrapped this module
             raise ValueError(problem)
-        layer = LowRankLayer(module, ctx, method_name="lora", slices=cfg.slices, rank=cfg.rank,
+        layer = LowRankLayer(module, ctx, method_name="lora", slices=cfg.slices, rows=ctx.rows, rank=cfg.rank,
                              init_down=kaiming_down, weighting=FixedScale(cfg.rank, cfg.alpha), dropout=cfg.dropout)
         layer.target_name = name
         return layer

@@ -28,6 +28,7 @@ from .allocation import layer_drop_probability, layer_expert_counts
 
 class Mlae(Method):
     key = "mlae"
+    takes_rows = True
 
     def cannot_patch(self, name: str, module: nn.Module, rule: Rule) -> str | None:
         return module_problem(module, rule.config.slices, name)
@@ -62,8 +63,8 @@ class Mlae(Method):
             raise ValueError(f"mlae.masking.p must be in [0, 1), got {p}")
         weighting = (MaskedCoefficients(experts, cfg.expert_rank, cfg.coefficient_init, p, ctx.sampler) if p > 0
                      else LearnedCoefficients(experts, cfg.expert_rank, cfg.coefficient_init))
-        layer = LowRankLayer(module, ctx, method_name="mlae", slices=cfg.slices, rank=experts * cfg.expert_rank,
-                             init_down=gaussian_lora_like_down, weighting=weighting)
+        layer = LowRankLayer(module, ctx, method_name="mlae", slices=cfg.slices, rows=ctx.rows,
+                             rank=experts * cfg.expert_rank, init_down=gaussian_lora_like_down, weighting=weighting)
         layer.target_name = name
         return layer
 
