@@ -164,3 +164,18 @@ def test_sequential_adapters_after_every_cnn_block():
         y = model(x)
         merged = merge(copy.deepcopy(model))
         assert rel_err(merged(x), y) < 1e-5
+
+
+def test_adapter_answers_for_the_wrapped_modules_attributes():
+    """A block may read plain attributes of the module an adapter wraps (Hiera's block reads
+    `attn.q_stride`): the adapter answers with the base module's, but never with a weight (a parent
+    computing with it would bypass the adapter)."""
+    vit = {"name": "vit_tiny_patch16_224", "pretrained": False, "num_classes": 5,
+           "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}}
+    model = build(vit, [{"target": {"attention": "block", "mlp": "block"},
+                         "adapter": {"placement": "sequential", "bottleneck": 4}}])
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert isinstance(attn, AdapterLayer) and attn.num_heads == attn.base_layer.num_heads == 3
+    assert mlp.fc1 is mlp.base_layer.fc1
+    with pytest.raises(AttributeError):
+        mlp.weight  # noqa: B018
