@@ -22,6 +22,7 @@ a change inside a gated branch can show in the output.
 Usage::
 
     python benchmarks/backbones.py                       # every family, every recipe: docs/backbones.md
+    python benchmarks/backbones.py --families resnet,levit   # re-run these rows of the recorded table
     python benchmarks/backbones.py --families resnet,pvt_v2 --recipes lora,mosa_hier --no-write
     python benchmarks/backbones.py --json results.json --workers 2
 
@@ -62,11 +63,12 @@ from surgeon.surgery.conventions import FAMILIES  # noqa: E402
 from surgeon.train.schedule import build_optimizer  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "backbones_smallest.json"
+RESULTS = ROOT / "benchmarks" / "backbones_results.json"  # the raw cells docs/backbones.md is rendered from
 DOC = ROOT / "docs" / "backbones.md"
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 NUM_CLASSES = 5
 BATCH = 2
-SIZES = (32, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384)
+SIZES = (28, 32, 42, 56, 64, 96, 112, 128, 160, 192, 224, 256, 299, 320, 384)  # 28, 42, 56, 112: patch 14
 CHECKS = ("resolves", "meta", "trains", "merge", "plain_timm")
 
 
@@ -194,11 +196,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_cell(recipe_name: str, model_name: str, kwargs: dict, pristine: nn.Module, x: torch.Tensor,
-               y: torch.Tensor) -> Cell:
+               y: torch.Tensor, plain: nn.Module | None = None) -> Cell:
+    """Run the checks of one (family, recipe) cell. ``plain`` is a spare copy of the pristine
+    model for the strict-load check (every tensor of it is overwritten by that load, so one
+    copy serves every cell of a family); None: a copy is made."""
     cell = Cell(recipe_name)
     start = time.perf_counter()
     try:
-        _run_checks(cell, recipe_name, model_name, kwargs, pristine, x, y)
+        _run_checks(cell, recipe_name, model_name, kwargs, pristine, x, y, plain)
     except UserError as exc:
         cell.status, cell.reason = ("refuses" if not cell.checks else "fails"), _first_line(exc)
     except Exception as exc:  # a bug: the table reports it
@@ -209,7 +214,7 @@ def check_cell(recipe_name: str, model_name: str, kwargs: dict, pristine: nn.Mod
 
 
 def _run_checks(cell: Cell, recipe_name: str, model_name: str, kwargs: dict, pristine: nn.Module,
-                x: torch.Tensor, y: torch.Tensor) -> None:
+                x: torch.Tensor, y: torch.Tensor, plain: nn.Module | None) -> None:
     recipe = load(recipe_name, model_name, kwargs)
     # 1-2: resolve and build on meta (what `surgeon plan` does); a UserError here is a refusal
     with warnings.catch_warnings():
@@ -263,8 +268,8 @@ def _run_checks(cell: Cell, recipe_name: str, model_name: str, kwargs: dict, pri
 
     # 5: folding methods leave plain timm: strict load into the architecture, same output
     if all(get_method(rule.method).folds for rule in recipe.surgery):
-        plain = copy.deepcopy(pristine).eval()
-        plain.load_state_dict(model.state_dict(), strict=True)
+        plain = (plain if plain is not None else copy.deepcopy(pristine)).eval()
+        plain.load_state_dict(model.state_dict(), strict=True)  # overwrites every tensor of `plain`
         with torch.no_grad():
             cell.checks["plain_timm"] = rel(plain(x), merged) < 1e-5
         if not cell.checks["plain_timm"]:
@@ -279,7 +284,7 @@ def check_family(args: tuple[str, str, list[str]]) -> dict:
     family, model_name, recipes = args
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # timm's and surgeon's notices about random weights, dropout roles
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = {"family": family, "model": model_name, "cells": []}
     try:
         kwargs, size = tiny_kwargs(model_name)
@@ -294,13 +299,15 @@ def check_family(args: tuple[str, str, list[str]]) -> dict:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(BATCH, 3, size, size, generator=gen)
         y = torch.randint(NUM_CLASSES, (BATCH,), generator=gen)
+        plain = copy.deepcopy(pristine)
         for recipe in recipes:
-            out["cells"].append(asdict(check_cell(recipe, model_name, kwargs, pristine, x, y)))
+            out["cells"].append(asdict(check_cell(recipe, model_name, kwargs, pristine, x, y, plain)))
     except Exception as exc:  # the backbone itself could not be set up
         out["error"] = _first_line(exc)
         out["cells"] += [asdict(Cell(r, "fails", f"setup: {out['error']}")) for r in recipes
                          if r not in {c["recipe"] for c in out["cells"]}]
     out["seconds"] = round(time.perf_counter() - start, 1)
+    out["cpu_seconds"] = round(time.process_time() - cpu, 1)  # this process's CPU time (the machine is shared)
     print(f"{family:28s} {model_name:36s} {out['seconds']:7.1f}s  "
           + " ".join(f"{c['recipe']}:{c['status'][0]}" for c in out["cells"]), flush=True)
     return out
@@ -325,7 +332,9 @@ def family_totals(results: list[dict]) -> Counter:
     return out
 
 
-def render(results: list[dict], recipes: list[str], seconds: float, workers: int) -> str:
+def render(results: list[dict], recipes: list[str], seconds: float, workers: int, updated: list[str] = ()) -> str:
+    """docs/backbones.md from the results: totals, the table, refusals, failures, what resolved.
+    ``seconds``: the whole table's wall time; ``updated``: families re-run since (``--families``)."""
     t, ft = totals(results), family_totals(results)
     cells = sum(t.values())
     lines = [
@@ -356,8 +365,12 @@ def render(results: list[dict], recipes: list[str], seconds: float, workers: int
         f"({cells} = {len(results)} families × {len(recipes)} recipes)",
         f"- families: **{ft['works']} work** (every recipe works or refuses with a reason, at least one works), "
         f"**{ft['refuses']} refuse everything with a reason**, **{ft['fails']} have a failing cell**",
-        f"- run time: {seconds / 60:.1f} min wall on {workers} worker process(es), one thread each "
-        f"(`python benchmarks/backbones.py --workers {workers}`)",
+        f"- run time: {seconds / 60:.1f} min wall for the whole table on {workers} worker process(es), one thread "
+        f"each (`python benchmarks/backbones.py --workers {workers}`), on a shared 2-core machine; the families "
+        f"took {sum(r.get('cpu_seconds', 0) for r in results) / 60:.1f} CPU-minutes in all (the five largest: "
+        + ", ".join(f"`{r['model']}` {r.get('cpu_seconds', 0):.0f} s" for r in
+                    sorted(results, key=lambda r: -r.get("cpu_seconds", 0))[:5]) + ")"
+        + (f"; re-run since for {', '.join(f'`{f}`' for f in updated)}" if updated else ""),
         "",
         "## Table",
         "",
@@ -407,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--refresh", action="store_true", help="recompute the smallest model per family")
-    parser.add_argument("--no-write", action="store_true", help="do not write docs/backbones.md")
+    parser.add_argument("--no-write", action="store_true",
+                        help="do not write docs/backbones.md and benchmarks/backbones_results.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -432,9 +446,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{t['works']} work, {t['refuses']} refuse, {t['fails']} fail; {seconds / 60:.1f} min")
     if args.json:
         args.json.write_text(json.dumps({"timm": timm.__version__, "seconds": seconds, "results": results}, indent=1))
-    if not args.no_write:
-        DOC.write_text(render(results, recipes, seconds, args.workers))
-        print(f"wrote {DOC.relative_to(ROOT)}")
+    if args.no_write:
+        return 1 if t["fails"] else 0
+    whole = not args.families and not args.recipes
+    if whole:
+        record = {"timm": timm.__version__, "seconds": round(seconds, 1), "workers": args.workers, "updated": [],
+                  "recipes": recipes, "results": results}
+    elif args.recipes or not RESULTS.is_file():
+        print("a partial run (--recipes, or no full run recorded yet) does not rewrite docs/backbones.md")
+        return 1 if t["fails"] else 0
+    else:  # --families: replace those rows of the recorded full run and re-render
+        record = json.loads(RESULTS.read_text())
+        if record.get("timm") != timm.__version__:
+            parser.error(f"{RESULTS.name} was recorded with timm {record.get('timm')}: run the whole table")
+        rows = {r["family"]: r for r in record["results"]}
+        rows.update({r["family"]: r for r in results})
+        record["results"] = [rows[f] for f in sorted(rows)]
+        record["updated"] = sorted(set(record["updated"]) | set(families))
+    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    DOC.write_text(render(record["results"], record["recipes"], record["seconds"], record["workers"], record["updated"]))
+    print(f"wrote {DOC.relative_to(ROOT)} and {RESULTS.relative_to(ROOT)}")
+    t = totals(record["results"])
     return 1 if t["fails"] else 0
 
 

@@ -179,3 +179,15 @@ def test_adapter_answers_for_the_wrapped_modules_attributes():
     assert mlp.fc1 is mlp.base_layer.fc1
     with pytest.raises(AttributeError):
         mlp.weight  # noqa: B018
+
+
+def test_adapter_sizes_an_attention_from_its_output_projection():
+    """An attention's output width is its `proj`'s, even when a layer registered after it computes
+    something else (SwinV2-CR's position MLP, CaiT's talking heads: out = the number of heads)."""
+    from surgeon.methods.adapter.layer import module_io
+
+    attn = nn.Module()
+    attn.qkv, attn.proj, attn.meta_mlp = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(2, 3)
+    assert module_io(attn) == (8, 8, -1)
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 6))  # no proj: the last layer, as before
+    assert module_io(mlp) == (8, 6, -1)

@@ -42,6 +42,12 @@ def module_io(module: nn.Module) -> tuple[int, int, int] | None:
     if not layers:
         return None
     first, last = layers[0], layers[-1]
+    # An attention's output is its output projection's, even when layers registered after it
+    # compute something else (SwinV2-CR's position MLP, CaiT's talking heads, ConViT's pos_proj).
+    proj = next((getattr(module, n) for n in ("proj", "o_proj", "out_proj") if isinstance(getattr(module, n, None),
+                                                                                   (nn.Linear, nn.Conv2d))), None)
+    if proj is not None:
+        last = proj
     in_features = first.in_features if isinstance(first, nn.Linear) else first.in_channels
     out_features = last.out_features if isinstance(last, nn.Linear) else last.out_channels
     return in_features, out_features, (1 if isinstance(first, nn.Conv2d) else -1)
