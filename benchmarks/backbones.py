@@ -413,6 +413,13 @@ def render(results: list[dict], recipes: list[str], seconds: float, workers: int
     return "\n".join(lines) + "\n"
 
 
+def dump_record(record: dict) -> str:
+    """The recorded table as JSON, one family per line (diffs show which rows changed)."""
+    head = {k: v for k, v in record.items() if k != "results"}
+    rows = ",\n".join(json.dumps(r, separators=(",", ":")) for r in record["results"])
+    return json.dumps(head)[:-1] + ', "results": [\n' + rows + "\n]}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", help="comma-separated family keys (default: all)")
@@ -463,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.update({r["family"]: r for r in results})
         record["results"] = [rows[f] for f in sorted(rows)]
         record["updated"] = sorted(set(record["updated"]) | set(families))
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    RESULTS.write_text(dump_record(record))
     DOC.write_text(render(record["results"], record["recipes"], record["seconds"], record["workers"], record["updated"]))
     print(f"wrote {DOC.relative_to(ROOT)} and {RESULTS.relative_to(ROOT)}")
     t = totals(record["results"])
