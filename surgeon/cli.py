@@ -13,13 +13,14 @@ import json
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from surgeon.errors import REPORT_REQUEST, RecipeError, UserError
+from surgeon.errors import REPORT_REQUEST, RecipeError, SurgeonWarning, UserError
 from surgeon.methods.modes import INFERENCE_MODES, MERGE_MODES
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,6 +46,17 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Declarative parameter-efficient surgery for timm backbones."""
 
 
+@contextmanager
+def _quiet():
+    """Silence the library's warnings (a shapes-only build warns that it has no weights), but show
+    each :class:`SurgeonWarning` about the user's input as one ``warning:`` line."""
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", SurgeonWarning)
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
+        yield
+
+
 def _load(recipe: str, model: Optional[str], overrides: Optional[List[str]], data: Optional[str] = None):
     from surgeon.recipe import load_recipe
 
@@ -66,8 +78,7 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files (or bui
             if not schema_only:
                 from surgeon.model import build_model  # torch + timm: only past the schema
 
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _quiet():
                     build_model(recipe, weights=False, device="meta")
         except UserError as exc:
             bad += 1
@@ -127,8 +138,7 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
                                 where=r.where(("model", "num_classes")),
                                 hint="remove model.num_classes (it defaults to the data's class count) or fix the data")
             num_classes = len(names)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             m = build_model(r, weights=False, device="meta", num_classes=num_classes)
     except UserError as exc:
         if not as_json:
