@@ -238,10 +238,22 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. imagefolder:PATH."),
           out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<model>-<data>-<time>)."),
           resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory.")):
-    """Train: surgery + training + merge + report. Prints the run directory last."""
-    from surgeon.apply import apply_recipe
+    """Train: surgery + training + merge + report. Prints the run directory last.
 
-    run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume, console=err)
+    Ctrl-C finishes the step under way, saves a checkpoint and prints how to resume (exit 130); a
+    second Ctrl-C stops at once (the last checkpoint stays intact).
+    """
+    from surgeon.apply import Interrupted, apply_recipe
+
+    try:
+        run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume,
+                               console=err)
+    except Interrupted as exc:
+        err.print(exc.line, markup=False)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted before a run directory was created: nothing was written", markup=False)
+        raise typer.Exit(130)
     out.print(str(run_dir), markup=False)
 
 
@@ -263,13 +275,18 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
              inference: Optional[str] = typer.Option(None, "--inference", help=f"{' | '.join(INFERENCE_MODES)}."),
              split: Optional[str] = typer.Option(None, "--split", help="test | val | train (default test, else val)."),
              per_class: bool = typer.Option(False, "--per-class", help="Also print top-1 per class."),
+             allow_class_mismatch: bool = typer.Option(
+                 False, "--allow-class-mismatch",
+                 help="Score --data whose class names differ from the run's (labels matched by index)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
-    """Top-1 of a trained run (merged model by default)."""
+    """Top-1 of a trained run (merged model by default). Data with other class names than the
+    run's is refused unless --allow-class-mismatch; a diverged run (non-finite weights) has no score (exit 2)."""
     from surgeon.evaluate import eval_run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split)
+        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split,
+                                         allow_class_mismatch=allow_class_mismatch)
     if as_json:
         payload = {"run": str(run_dir), "split": split_name, "source": info["source"], "inference": res.inference,
                    "top1": res.top1, "loss": res.loss, "n": res.n, "per_class": res.per_class}
@@ -324,12 +341,19 @@ def report(runs: List[Path] = typer.Argument(..., metavar="RUN_DIR...",
            out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
                                                   help="Where a comparison goes (default: the runs' common "
                                                        "parent's comparison/).")):
-    """One run: write RUN/report.md and report.html. Several (or --out): one comparison (md, html, csv, plot)."""
+    """One run: write RUN/report.md and report.html. Several (or --out): one comparison (md, html, csv, plot).
+
+    A run that another process is writing to (training, merging) is refused: report it when it is done.
+    """
     from surgeon import report as rp
+    from surgeon.io import writable_dir
+    from surgeon.rundir import RunLock
 
     dirs = rp.expand_run_dirs(runs)
     if len(dirs) == 1 and out_dir is None:
-        out.print(str(rp.write_report(dirs[0])))
+        writable_dir(dirs[0], "report (in the run directory)")
+        with RunLock(dirs[0], "surgeon report"):
+            out.print(str(rp.write_report(dirs[0])))
         return
     results = rp.collect_runs(dirs)
     path = rp.write_comparison(results, out_dir if out_dir is not None else rp.default_out_dir(dirs))
@@ -418,6 +442,15 @@ def pretrain_builtin_cmd(
     out.print(str(target), markup=False)
 
 
+def _internal_error(exc: BaseException) -> None:
+    import traceback
+
+    traceback.print_exception(exc)
+    err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input; "
+              f"{REPORT_REQUEST}.")
+    sys.exit(1)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: usage mistakes and user errors exit 2 with a message, bugs exit 1.
 
@@ -435,13 +468,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence
-        import traceback
+    except OSError as exc:
+        from surgeon.io import UNWRITABLE
 
-        traceback.print_exc()
-        err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input; "
-                  f"{REPORT_REQUEST}.")
-        sys.exit(1)
+        if exc.errno not in UNWRITABLE:
+            _internal_error(exc)
+        # A place that cannot be written (read-only, no permission, disk full): the user's to fix.
+        err.print(f"error: {exc.filename or 'a file'}: cannot write: {exc.strerror}", markup=False)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        _internal_error(exc)
     sys.exit(0)
 
 

@@ -6,6 +6,7 @@ target, so a SIGKILL at any moment leaves the old file or the new one, never a t
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -13,8 +14,13 @@ from pathlib import Path
 from surgeon.errors import UserError
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then fsync and rename over ``path`` (same folder, so rename is atomic)."""
+def atomic_write(path: Path, write, verify=None) -> None:
+    """``write(tmp_path)`` then fsync and rename over ``path`` (same folder, so rename is atomic).
+
+    ``verify(tmp_path)``, if given, reads the written file back before the rename and raises if
+    it is not what was meant: a bad write (a full disk, a bug) then never replaces a good file.
+    An interrupt (Ctrl-C) or any error at any point leaves the old file, and no temporary one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -22,6 +28,8 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -34,6 +42,36 @@ def atomic_write(path: Path, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+#: errno values that mean "this place cannot be written" (a user's to fix, not a bug).
+UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (with its parents) if needed and prove a file can be written in it.
+
+    Raises:
+        UserError: naming the path and the reason: below a regular file, read-only, no
+            permission, no space, ``/proc``...
+    """
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot create the {what}: {parent} is a file, not a folder", where=str(path),
+                                hint="choose a path below a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".surgeon-write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the {what}: {exc.strerror or exc}", where=str(path),
+                        hint="choose a folder you can write to (--out), or fix its permissions") from None
+    return path
 
 
 def write_text(path: Path, text: str) -> None:

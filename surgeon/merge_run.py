@@ -37,11 +37,11 @@ from surgeon.builtin import BUILTIN_BACKBONES
 from surgeon.config import plain
 from surgeon.data.transforms import resolve_data_config
 from surgeon.errors import UserError
-from surgeon.io import read_json, save_tensors, write_json
+from surgeon.io import read_json, save_tensors, writable_dir, write_json
 from surgeon.methods.experts import evaluation
 from surgeon.methods.modes import MERGE_MODES
 from surgeon.recipe.sections import ModelConfig
-from surgeon.rundir import MetricsLog, RunPaths
+from surgeon.rundir import MetricsLog, RunLock, RunPaths
 from surgeon.runload import load_run, load_run_recipe
 from surgeon.surgery import merge, surgery_layers
 
@@ -106,8 +106,19 @@ def merge_run(run_dir, *, mode: str | None = None, model: nn.Module | None = Non
     Returns:
         ``{"mode", "format", "max_abs_diff", "max_rel_diff", "path"}`` (also logged as a
         ``merge`` event and stored in ``summary.json``).
+
+    Raises:
+        UserError: not a run, an unknown mode, a run directory that cannot be written, or a run
+            another process is writing to (its lock, :class:`~surgeon.rundir.RunLock`).
     """
     run_dir = Path(run_dir)
+    load_run_recipe(run_dir)  # a missing or foreign run is said so before anything is written
+    writable_dir(run_dir, "merged model (in the run directory)")
+    with RunLock(run_dir, "surgeon merge"):
+        return _merge_locked(run_dir, mode=mode, model=model, log=log, device=device)
+
+
+def _merge_locked(run_dir: Path, *, mode, model, log, device) -> dict:
     paths = RunPaths(run_dir)
     recipe = load_run_recipe(run_dir)
     mode = mode or recipe.eval.merge_mode

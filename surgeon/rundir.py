@@ -10,14 +10,16 @@ RUN/adapter.safetensors       the surgery's tensors of the selected (best-val) s
 RUN/checkpoints/last.pt       resumable training state (atomic)
 RUN/checkpoints/best.safetensors  surgery tensors of the best validation state so far
 RUN/merged/                   after merge: a timm local-dir folder, or a dense-adapter checkpoint
+RUN/.lock                     the run's lock (:class:`RunLock`): who is writing to it
 ```
 
-This module only knows where things are and how the event log is written; it builds no model.
-Rebuilding a trained model from a run is :mod:`surgeon.runload`.
+This module only knows where things are, how the event log is written and who may write; it
+builds no model. Rebuilding a trained model from a run is :mod:`surgeon.runload`.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import re
@@ -74,6 +76,15 @@ class RunPaths:
     @property
     def analysis(self) -> Path:
         return self.root / "analysis.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def never_started(self) -> bool:
+        """True if the run holds nothing trained: no checkpoint, no adapter, no summary, no merge
+        (it stopped, or was killed, before its first checkpoint): starting it over loses nothing."""
+        return not any(p.exists() for p in (self.last, self.best, self.adapter, self.summary, self.merged))
 
     def predictions(self, split: str) -> Path:
         return self.root / f"predictions_{split}.json"
@@ -162,6 +173,75 @@ def merged_kind(run_dir: Path) -> str | None:
     if not info.is_file():
         return None
     return read_json(info).get("format")
+
+
+# ------------------------------------------------------------------------------- lock
+
+#: Run directories this process holds the lock of: real path -> [file descriptor, depth].
+_HELD: dict[str, list[int]] = {}
+
+
+class RunLock:
+    """An exclusive lock on a run directory while this process writes to it (``apply``,
+    ``--resume``, ``merge``): a second process is refused, naming the holder's pid.
+
+    ``fcntl.flock`` on ``RUN/.lock``: the kernel releases it when the holder exits, however it
+    exits (``kill -9`` included), so a stale lock never blocks a resume. Re-entrant within a
+    process (``apply`` holds it and merges; a sweep worker trains one trial at a time).
+
+    Args:
+        root: the run directory (must exist).
+        what: what the holder does, e.g. ``surgeon apply``: shown to a refused process.
+
+    Raises:
+        UserError: another process holds the lock, or the directory cannot be written.
+    """
+
+    def __init__(self, root: Path, what: str):
+        self.root, self.what = Path(root), what
+        self.key = os.path.realpath(self.root)
+
+    def __enter__(self) -> "RunLock":
+        held = _HELD.get(self.key)
+        if held is not None:
+            held[1] += 1
+            return self
+        path = RunPaths(self.root).lock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write to the run directory: {exc.strerror}", where=str(self.root),
+                            hint="the run directory must be writable (it is read-only, or not yours)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise UserError(f"the run is in use: {holder} is writing to it", where=str(self.root),
+                            hint="wait for it to finish (or stop it); two processes must not write one run") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.what}\n".encode())
+        _HELD[self.key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        held = _HELD.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.key]
+            os.close(held[0])  # closing releases the flock
+
+
+def _read_holder(fd: int) -> str:
+    """``process 1234 (surgeon apply)`` from a lock file's content."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    pid, _, what = text.partition(" ")
+    return f"process {pid} ({what})" if pid.isdigit() else "another process"
 
 
 # ---------------------------------------------------------------------------- event log

@@ -9,6 +9,7 @@ item's augmentation is seeded from ``(seed, epoch, index)`` (see :mod:`surgeon.d
 from __future__ import annotations
 
 import random
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -65,7 +66,11 @@ def seed_worker(worker_id: int) -> None:
 
     torch seeds each worker with ``base_seed + worker_id``, and ``base_seed`` is drawn from the
     loader's generator (seeded from ``(seed, epoch)``), so this is deterministic too.
+
+    Workers also ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
+    main process stops at the end of its step (which still needs the workers' batches).
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)

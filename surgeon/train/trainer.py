@@ -16,23 +16,34 @@ step. Events go to ``metrics.jsonl`` (see :mod:`surgeon.rundir`); ``epoch`` ther
 An optional ``on_validate(step, epoch, top1)`` callback (used by ``surgeon sweep`` for pruning)
 is called after each validation; returning a non-empty reason stops the run: a ``stopped``
 event with that reason is logged and :class:`TrainingStopped` is raised.
+
+Non-finite states: a validation of a state whose trained tensors or val loss are not finite
+never becomes the best (its ``eval`` event says ``nonfinite: true``), and a run whose reported
+state is not finite does not finish (:class:`TrainingDiverged`, no summary).
+
+Ctrl-C (SIGINT, in the main thread): the step under way completes, a checkpoint of it is
+written and :class:`TrainingInterrupted` is raised; a second Ctrl-C stops at once, and the
+atomic checkpoint write leaves the previous checkpoint intact if it was under way.
 """
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 from surgeon.data import build_loader
 from surgeon.errors import UserError
-from surgeon.io import finite_or_none, load_tensors, save_tensors, write_json
+from surgeon.io import finite_or_none, load_tensors, write_json
 from surgeon.rundir import MetricsLog, RunPaths
 from surgeon.seeding import rng_state, set_rng_state, step_seed
 from surgeon.surgery import backbone_fingerprint, load_surgery_state, surgery_state
 
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, save_surgery_tensors
 from .evaluation import EvalResult, autocast_context, evaluate
 from .progress import TrainProgress
 from .regularizers import Objective
@@ -56,6 +67,43 @@ class TrainingStopped(Exception):
     def __init__(self, reason: str, step: int):
         super().__init__(f"training stopped at step {step}: {reason}")
         self.reason, self.step = reason, step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; a checkpoint of the last completed step was written.
+
+    Attributes:
+        step: optimizer steps done (the checkpoint's step).
+    """
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+@contextmanager
+def _graceful_sigint():
+    """While active (main thread only), the first SIGINT only sets ``flag["stop"]``; the
+    default handler is back for the next one, which raises KeyboardInterrupt at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def first(signum, frame):
+        flag["stop"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def finite_state(model: nn.Module) -> bool:
+    """Whether every trained tensor of ``model`` (its surgery state) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in surgery_state(model).values() if t.is_floating_point())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,6 +173,7 @@ class Trainer:
         self.elapsed_before = 0.0     # wall time of earlier sessions (resume)
         self.window = self._empty_window()
         self._t0 = time.perf_counter()
+        self.saved_step: int | None = None  # the step of checkpoints/last.pt (None: none yet)
 
     # ---------------------------------------------------------------- state for checkpoints
     @staticmethod
@@ -154,7 +203,9 @@ class Trainer:
             "rng": rng_state(self.sampler),
             "trainer": self.counters(),
             "metrics_offset": self.log.offset(),
+            "data": getattr(self.splits, "fingerprint", None),
         })
+        self.saved_step = self.step
 
     def load_checkpoint(self, state: dict) -> None:
         """Continue from a checkpoint (the metrics log is cut back to the checkpoint's offset)."""
@@ -171,6 +222,7 @@ class Trainer:
         self.elapsed_before, self._t0 = c["elapsed"], time.perf_counter()
         self.window = dict(c["window"])
         self.log.truncate(state["metrics_offset"])
+        self.saved_step = self.step
 
     # ---------------------------------------------------------------------------- training
     def train(self) -> None:
@@ -178,40 +230,50 @@ class Trainer:
         budget, cfg = self.budget, self.cfg
         progress = TrainProgress(budget.total_steps, self.step, console=self.console)
         try:
-            while self.step < budget.total_steps:
-                loader = build_loader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      num_workers=self.recipe.data.num_workers, drop_last=budget.drop_last,
-                                      epoch=self.epoch, start_batch=self.batch)
-                self.model.train()
-                position = (self.epoch, self.batch)
-                for images, labels in loader:
-                    epoch = self.epoch
-                    loss = self.train_step(images, labels)
-                    if loss is None:
-                        progress.print(f"step {self.step}: non-finite loss, update skipped "
-                                       f"({self.bad_in_row} in a row, {self.bad_total} in total)")
-                    self.batch += 1
-                    end_of_epoch = self.batch == budget.steps_per_epoch
-                    if end_of_epoch:
-                        self.epoch, self.batch = self.epoch + 1, 0
-                    last = self.step == budget.total_steps
-                    progress.update(step=self.step, epoch=epoch, epochs=budget.epochs, loss=loss,
-                                    lr=self.scheduler.get_last_lr()[0], img_per_s=self.images / max(self.train_seconds, 1e-9))
-                    every = cfg.eval_every
-                    if (every and self.step % every == 0) or (not every and end_of_epoch) or last:
-                        result = self.validate(epoch)
-                        if result is not None:
-                            progress.print(f"step {self.step}: val top-1 {result.top1:.2f}% (loss {result.loss:.4f})"
-                                           f"{'  best' if self.best_step == self.step else ''}")
-                        self.model.train()
-                    if self.step % cfg.checkpoint_every == 0 or end_of_epoch or last:
-                        self.save_checkpoint()
-                    if last:
-                        break
-                # Every pass must move (a loader that yields nothing would loop forever).
-                assert (self.epoch, self.batch) != position, f"the train loader yielded no batch at {position}"
+            with _graceful_sigint() as interrupt:
+                self._train_loop(progress, interrupt)
         finally:
             progress.close()
+
+    def _train_loop(self, progress: TrainProgress, interrupt: dict) -> None:
+        budget, cfg = self.budget, self.cfg
+        while self.step < budget.total_steps:
+            loader = build_loader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                  num_workers=self.recipe.data.num_workers, drop_last=budget.drop_last,
+                                  epoch=self.epoch, start_batch=self.batch)
+            self.model.train()
+            position = (self.epoch, self.batch)
+            for images, labels in loader:
+                epoch = self.epoch
+                loss = self.train_step(images, labels)
+                if loss is None:
+                    progress.print(f"step {self.step}: non-finite loss, update skipped "
+                                   f"({self.bad_in_row} in a row, {self.bad_total} in total)")
+                self.batch += 1
+                end_of_epoch = self.batch == budget.steps_per_epoch
+                if end_of_epoch:
+                    self.epoch, self.batch = self.epoch + 1, 0
+                last = self.step == budget.total_steps
+                progress.update(step=self.step, epoch=epoch, epochs=budget.epochs, loss=loss,
+                                lr=self.scheduler.get_last_lr()[0], img_per_s=self.images / max(self.train_seconds, 1e-9))
+                every = cfg.eval_every
+                if (every and self.step % every == 0) or (not every and end_of_epoch) or last:
+                    result = self.validate(epoch)
+                    if result is not None:
+                        progress.print(f"step {self.step}: val top-1 {result.top1:.2f}% (loss {result.loss:.4f})"
+                                       f"{'  best' if self.best_step == self.step else ''}")
+                    self.model.train()
+                saved = self.step % cfg.checkpoint_every == 0 or end_of_epoch or last
+                if saved:
+                    self.save_checkpoint()
+                if interrupt["stop"]:
+                    if not saved:
+                        self.save_checkpoint()
+                    raise TrainingInterrupted(self.step)
+                if last:
+                    break
+            # Every pass must move (a loader that yields nothing would loop forever).
+            assert (self.epoch, self.batch) != position, f"the train loader yielded no batch at {position}"
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
         """One optimizer step on a batch ``[B, C, H, W]`` / ``[B]``; returns its loss (None if skipped)."""
@@ -262,8 +324,8 @@ class Trainer:
                 raise TrainingDiverged(
                     f"training stopped at step {self.step}: {self.bad_in_row} non-finite losses in a row "
                     f"({self.bad_total} in total)", where=str(self.paths.root),
-                    hint="lower train.base_lr, set train.grad_clip (e.g. 1.0) or use train.precision fp32; the last "
-                         f"good checkpoint is {self.paths.last}")
+                    hint="lower train.base_lr, set train.grad_clip (e.g. 1.0) or use train.precision fp32; "
+                         + self._kept())
         w = self.window
         w["steps"] += 1
         w["images"] += n
@@ -280,6 +342,12 @@ class Trainer:
             self.window = self._empty_window()
         return terms["loss"] if finite else None
 
+    def _kept(self) -> str:
+        """What the run directory still holds, naming only files that exist."""
+        if self.paths.last.is_file():
+            return f"the last good checkpoint is {self.paths.last}"
+        return "no checkpoint was written (the run stopped before its first one)"
+
     # -------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset, split: str) -> EvalResult:
         ev = self.recipe.eval
@@ -295,11 +363,14 @@ class Trainer:
             return None
         result = self.evaluate(self.splits.val, "val")
         self.last_eval_step = self.step
+        # A non-finite state is never the best, even on a tie (a NaN model predicts one class).
+        finite = math.isfinite(result.loss) and finite_state(self.model)
         self.log.log("eval", split="val", step=self.step, epoch=epoch + 1, top1=finite_or_none(result.top1),
-                     loss=finite_or_none(result.loss), inference=result.inference, n=result.n, time=self.elapsed())
-        if result.n and (self.best_top1 is None or result.top1 >= self.best_top1):
+                     loss=finite_or_none(result.loss), inference=result.inference, n=result.n, time=self.elapsed(),
+                     **({} if finite else {"nonfinite": True}))
+        if result.n and finite and (self.best_top1 is None or result.top1 >= self.best_top1):
             self.best_top1, self.best_step = result.top1, self.step
-            save_tensors(self.paths.best, surgery_state(self.model))
+            save_surgery_tensors(self.paths.best, surgery_state(self.model))
         if self.on_validate is not None:
             reason = self.on_validate(self.step, epoch + 1, result.top1)
             if reason:
@@ -328,7 +399,13 @@ class Trainer:
         checkpoint = self.selected_checkpoint()
         if checkpoint == "best" and self.splits.val is not None and self.paths.best.is_file():
             load_surgery_state(self.model, load_tensors(self.paths.best), str(self.paths.best))
-        save_tensors(self.paths.adapter, surgery_state(self.model),
+        if not finite_state(self.model):
+            self.log.log("stopped", step=self.step, reason="nonfinite_model", checkpoint=checkpoint, time=self.elapsed())
+            raise TrainingDiverged(
+                f"training ended at step {self.step} but the {checkpoint} state has non-finite (NaN or infinite) "
+                "tensors: the run diverged and has no result", where=str(self.paths.root),
+                hint="lower train.base_lr, set train.grad_clip (e.g. 1.0) or use train.precision fp32")
+        save_surgery_tensors(self.paths.adapter, surgery_state(self.model),
                      metadata={"format": "surgeon-adapter", "recipe": self.recipe.name,
                                "model": self.recipe.model.name, "step": str(self.reported_step(checkpoint)),
                                "backbone_fingerprint": backbone_fingerprint(self.model)})
