@@ -180,19 +180,65 @@ def test_bad_data_inputs_exit_2(tmp_path, data, cli):
     lines = [f"{data}/train/class{k}/{i}.png {k if k < 2 else 7}" for k in range(3) for i in range(4)]
     (tmp_path / "list.txt").write_text("\n".join(lines))
     cases["label out of range"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'list.txt'}",
-                                          "--set", "model.num_classes=3"), "data has 8 classes")
+                                          "--set", "model.num_classes=3"), "label 7 is out of range")
     cases["class-count mismatch"] = (_apply(cli, recipe, "--set", "model.num_classes=5"), "model.num_classes is 5")
+
+    # One case per class of issue 11 that a recipe or data can trigger (tests/test_reliability.py
+    # has the rest and the details).
+    (tmp_path / "huge.txt").write_text(f"{data}/train/class0/0.png 0\n{data}/train/class1/0.png 99999999999\n")
+    cases["1. absurd label"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'huge.txt'}"),
+                                f"{tmp_path / 'huge.txt'}:2")
+    cases["1. absurd size"] = (_apply(cli, recipe, "--set", "surgery.0.adapter.bottleneck=4000000000"), "bottleneck")
+    links = write_imagefolder(tmp_path / "links", per_split={"train": 2})
+    os.symlink(links / "train" / "class0", links / "train" / "class0" / "loop")  # a loop: scanned once
+    for f in (links / "train" / "class2").iterdir():
+        f.unlink()
+    (links / "train" / "class2").rmdir()
+    os.symlink(links / "train" / "class1", links / "train" / "class2")  # the same images as class1
+    cases["2. class of linked images"] = (_apply(cli, recipe, "--data", f"imagefolder:{links}"),
+                                          "holds only images already counted")
+    cases["6. non-finite lr"] = (_apply(cli, recipe, "--set", "train.base_lr=.nan"), "not a finite number")
+    (tmp_path / "a-file").write_text("x")
+    cases["7. --out below a file"] = (_apply(cli, recipe, "--out", str(tmp_path / "a-file" / "run")),
+                                      "is a file, not a folder")
+    cases["8. patch_size 0"] = (_apply(cli, recipe, "--set", "model.kwargs.patch_size=0"), "patch_size")
+    cases["8. image size of the data"] = (_apply(cli, recipe, "--set", "data.image_size=48"), "data.image_size")
+    (tmp_path / "latin1.txt").write_bytes(f"{data}/train/class0/0.png 0\nd\xe9j\xe0.png 1\n".encode("latin-1"))
+    cases["8. list not UTF-8"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'latin1.txt'}"), "not UTF-8")
 
     for name, (res, text) in cases.items():
         assert res.code == 2, (name, res)
         assert text in res.err, (name, res.err)
         assert "Traceback" not in res.err, name
+        if name[0].isdigit():
+            assert "\nrun directory:" not in "\n" + res.err, name  # refused before a run directory was made
+    assert not (tmp_path / "a-file" / "run").exists() and (tmp_path / "a-file").read_text() == "x"
 
 
 def test_bad_run_inputs_exit_2(tmp_path, data, cli):
-    recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[], train={"max_steps": 2, "merge": False})
+    import fcntl
+    import shutil
+
+    own = shutil.copytree(data, tmp_path / "data")  # changed below
+    recipe = write_recipe(tmp_path / "r.yaml", own, surgery=[], train={"max_steps": 2, "merge": False})
     run = tmp_path / "run"
     assert _apply(cli, recipe, "--out", str(run)).code == 0
+    # 3. a run another process writes to (a second open file description: flock conflicts in-process too)
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242 surgeon apply\n")
+    locked = [(cli("apply", "--resume", str(run)), "process 4242 (surgeon apply) is writing to it"),
+              (cli("merge", str(run)), "the run is in use")]
+    os.close(fd)
+    # 4. the data changed since the checkpoint
+    shutil.copy(own / "train" / "class0" / "0.png", own / "train" / "class0" / "new.png")
+    changed = cli("apply", "--resume", str(run))
+    (own / "train" / "class0" / "new.png").unlink()
+    # 5. other classes with the run's class count
+    other = write_imagefolder(tmp_path / "other", per_split={"train": 2, "test": 2})
+    for split in ("train", "test"):
+        for k in range(3):
+            (other / split / f"class{k}").rename(other / split / f"kind{k}")
     checks = [
         (cli("eval", str(tmp_path / "nope")), "does not exist"),
         (cli("merge", str(tmp_path)), "no recipe.yaml"),
@@ -200,9 +246,13 @@ def test_bad_run_inputs_exit_2(tmp_path, data, cli):
         (cli("eval", str(run), "--inference", "ensemble"), "needs experts"),
         (cli("eval", str(run), "--split", "train2"), "no 'train2' split"),
         (cli("apply", "--resume", str(tmp_path / "nope")), "does not exist"),
+        *locked,
+        (changed, "the data changed since the checkpoint (train: 19 images (was 18))"),
+        (cli("eval", str(run), "--data", f"imagefolder:{other}"), "the data's classes differ from the run's"),
     ]
+    assert cli("eval", str(run), "--data", f"imagefolder:{other}", "--allow-class-mismatch").code == 0
     (run / "checkpoints" / "last.pt").write_bytes(b"\x00" * 100)
-    checks.append((cli("apply", "--resume", str(run)), "cannot read the checkpoint"))
+    checks.append((cli("apply", "--resume", str(run)), "not a surgeon checkpoint"))
     (run / "adapter.safetensors").write_bytes(b"\x00" * 100)
     checks.append((cli("eval", str(run)), "adapter.safetensors"))
     for res, text in checks:
