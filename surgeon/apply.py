@@ -38,7 +38,8 @@ from surgeon.methods.mlae.similarity import expert_similarity
 from surgeon.model import build_checked_model
 from surgeon.recipe import load_recipe
 from surgeon.report import write_report
-from surgeon.rundir import MetricsLog, RunPaths, default_run_dir, read_run_recipe, recipe_differences
+from surgeon.rundir import (MetricsLog, RunPaths, default_run_dir, read_run_recipe, recipe_differences,
+                            with_added_keys)
 from surgeon.seeding import seed_everything
 from surgeon.train.checkpoint import load_checkpoint
 from surgeon.train.loggers import attach, check_loggers
@@ -62,17 +63,8 @@ def _warnings_to(console: Console):
         warnings.showwarning = old
 
 
-#: Resolved-recipe keys added by a later surgeon that change no number, with the value a run
-#: written before them had in effect: such a run still resumes (its recipe lacks the key).
-_ADDED_KEYS = {("train", "log"): []}
-
-
 def _same_recipe_or_fail(old: dict, new: dict, where: str) -> None:
-    old = {k: dict(v) if isinstance(v, dict) else v for k, v in old.items()}
-    for (section, key), value in _ADDED_KEYS.items():
-        if isinstance(old.get(section), dict) and key not in old[section]:
-            old[section][key] = value
-    diffs = recipe_differences(old, new)
+    diffs = recipe_differences(with_added_keys(old), new)  # a run written before train.log resumes
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise UserError(f"cannot resume: the recipe differs from the run's ({shown})", where=where,

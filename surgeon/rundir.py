@@ -122,6 +122,31 @@ def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+#: Resolved-recipe keys added by a later surgeon that change no number, with the value a run
+#: written before them had in effect (its RUN/recipe.yaml lacks the key).
+ADDED_KEYS = {("train", "log"): []}
+
+
+def with_added_keys(recipe: dict) -> dict:
+    """A run's resolved recipe (a mapping) with :data:`ADDED_KEYS` it lacks filled in: what
+    today's surgeon resolves the same recipe to, so a run written before them still resumes."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recipe.items()}
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
+
+
+def without_added_defaults(recipe: dict) -> dict:
+    """A resolved recipe without the :data:`ADDED_KEYS` that hold their old value: what an
+    identity computed from the recipe (a sweep's name) was computed from before they existed."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in recipe.items()}
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(out.get(section), dict) and out[section].get(key, value) == value:
+            out[section].pop(key, None)
+    return out
+
+
 def read_run_recipe(run_dir: Path) -> dict:
     """``RUN/recipe.yaml`` as a dict. Raises :class:`UserError` for a missing/unreadable run."""
     run_dir = Path(run_dir)

@@ -23,7 +23,7 @@ from surgeon.errors import UserError
 from surgeon.io import file_mode, save_tensors, set_file_mode, write_json
 from surgeon.merge_run import _weights_origin, _write_origin
 from surgeon.recipe import load_recipe, section
-from surgeon.rundir import MetricsLog, RunPaths
+from surgeon.rundir import MetricsLog, RunPaths, with_added_keys, without_added_defaults
 from surgeon.train.loggers import CSV_COLUMNS, EpochSummary, SummaryCsv, TensorBoardLog, check_loggers
 from surgeon.train.provenance import environment, git_state
 
@@ -172,6 +172,11 @@ def test_resume_accepts_a_run_written_before_train_log():
     _same_recipe_or_fail(old, new, "RUN/recipe.yaml")  # the key did not exist: same recipe
     with pytest.raises(UserError, match="train.log"):
         _same_recipe_or_fail(old, {**new, "train": {**new["train"], "log": ["tensorboard"]}}, "RUN/recipe.yaml")
+    assert with_added_keys(old) == new and "log" not in old["train"]  # a copy, the run's mapping untouched
+    # What a sweep's name is computed from: as before train.log existed, unless it is used.
+    assert without_added_defaults(new) == old
+    logged = {**new, "train": {**new["train"], "log": ["tensorboard"]}}
+    assert without_added_defaults(logged) == logged
 
 
 # ------------------------------------------------------------------------ file modes
