@@ -33,13 +33,17 @@ from surgeon.data import build_splits
 from surgeon.errors import UserError
 from surgeon.io import read_json, write_json, write_text
 from surgeon.merge_run import merge_run
+from surgeon.methods.adapter.similarity import adapter_expert_similarity
 from surgeon.methods.mlae.similarity import expert_similarity
 from surgeon.model import build_checked_model
 from surgeon.recipe import load_recipe
 from surgeon.report import write_report
-from surgeon.rundir import MetricsLog, RunPaths, default_run_dir, read_run_recipe, recipe_differences
+from surgeon.rundir import (MetricsLog, RunPaths, default_run_dir, read_run_recipe, recipe_differences,
+                            with_added_keys)
 from surgeon.seeding import seed_everything
 from surgeon.train.checkpoint import load_checkpoint
+from surgeon.train.loggers import attach, check_loggers
+from surgeon.train.provenance import environment
 from surgeon.train.trainer import Trainer, resolve_device, write_summary
 from surgeon.weights import pretrained_kwargs
 
@@ -60,7 +64,7 @@ def _warnings_to(console: Console):
 
 
 def _same_recipe_or_fail(old: dict, new: dict, where: str) -> None:
-    diffs = recipe_differences(old, new)
+    diffs = recipe_differences(with_added_keys(old), new)  # a run written before train.log resumes
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise UserError(f"cannot resume: the recipe differs from the run's ({shown})", where=where,
@@ -116,6 +120,7 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
     t_setup = time.perf_counter()
     with _warnings_to(console):
         recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
+        check_loggers(recipe)  # a missing optional logger fails here, before a run directory exists
 
         # The run directory and its recipe, before anything is trained.
         if resume:
@@ -148,6 +153,9 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
             elif resume:
                 log.truncate(0)  # died before its first checkpoint: start over in the same folder
                 console.print("no checkpoint yet: starting the run from the beginning", markup=False)
+            # After the cut-back above: summary.csv is rebuilt from what metrics.jsonl still holds.
+            attach(log, recipe, paths, resumed_step=trainer.step if resume else None)
+            env = environment(device, recipe.source)
             plan = net.surgeon_plan
             log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
                     model=recipe.model.name, data=splits.source, num_classes=splits.num_classes,
@@ -155,7 +163,8 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
                     class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
                     precision=trainer.precision, seed=recipe.train.seed, provenance=splits.provenance,
                     lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
-                    steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None)
+                    steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None,
+                    environment=env)
             budget = trainer.budget
             console.print(f"{recipe.name} on {recipe.model.name}: {plan.extra_params / 1e6:.4f}M extra params, "
                           f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
@@ -173,6 +182,7 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
             trainer.train()
             summary = trainer.finish()
             summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
+            summary["environment"] = env
             write_summary(paths, summary)
             _write_analysis(net, paths, console)
             if summary["val_in_train"]:
@@ -209,21 +219,28 @@ def _timing(paths: RunPaths, key: str, seconds: float) -> dict:
 
 
 def _write_analysis(model, paths: RunPaths, console: Console) -> None:
-    """``analysis.json``: the experts' mean pairwise cosine similarity (MLAE paper Figs. 4-5), for
-    LoRA-family runs; nothing for other methods."""
+    """``analysis.json``: the experts' mean pairwise cosine similarity (MLAE paper Figs. 4-5) —
+    of the low-rank experts' ``ΔW_j`` (LoRA family) and of the MoSA experts' deltas from the
+    dense init (per adapter); nothing for methods without experts."""
     try:
-        sim = expert_similarity(model)
+        parts = {"low-rank": expert_similarity(model), "adapter": adapter_expert_similarity(model)}
     except Exception as exc:  # noqa: BLE001 - an analysis must not cost the run its results
         console.print(f"warning: expert similarity not computed ({type(exc).__name__}: {exc})", markup=False)
         return
-    if not sim.get("layers"):
+    per_layer = [{"module": name, "mean": value, "kind": kind}
+                 for kind, sim in parts.items() for name, value in sim["layers"].items()]
+    if not per_layer:
         return
-    matrices = [m.tolist() for m in sim["matrices"].values()]
-    same = matrices and all(len(m) == len(matrices[0]) for m in matrices)
+    keys = [k for sim in parts.values() for k in sim["matrices"]]
+    matrices = [m.tolist() for sim in parts.values() for m in sim["matrices"].values()]
+    same = all(len(m) == len(matrices[0]) for m in matrices)
     write_json(paths.analysis, {"expert_similarity": {
-        "mean": sim["mean"],
-        "per_layer": [{"module": k, "mean": v} for k, v in sim["layers"].items()],
+        "mean": sum(e["mean"] for e in per_layer) / len(per_layer),
+        "per_layer": per_layer,
+        # one experts x experts matrix per module (per slice of a fused qkv); the first only when
+        # their sizes differ (the report plots their mean)
         "matrix": matrices if same else matrices[:1],
+        "matrix_keys": keys if same else keys[:1],
     }})
 
 
