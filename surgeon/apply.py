@@ -48,14 +48,18 @@ from surgeon.data.sources import data_changes
 from surgeon.errors import SurgeonWarning, UserError
 from surgeon.io import read_json, writable_dir, write_json, write_text
 from surgeon.merge_run import merge_run
+from surgeon.methods.adapter.similarity import adapter_expert_similarity
 from surgeon.methods.mlae.similarity import expert_similarity
 from surgeon.model import build_checked_model, build_model, check_input_size
 from surgeon.recipe import load_recipe
 from surgeon.report import write_report
-from surgeon.rundir import MetricsLog, RunLock, RunPaths, default_run_dir, read_run_recipe, recipe_differences
+from surgeon.rundir import (MetricsLog, RunLock, RunPaths, default_run_dir, read_run_recipe, recipe_differences,
+                            with_added_keys)
 from surgeon.seeding import seed_everything
 from surgeon.surgery import surgery_state
 from surgeon.train.checkpoint import check_surgery_tensors, load_checkpoint
+from surgeon.train.loggers import attach, check_loggers
+from surgeon.train.provenance import environment
 from surgeon.train.trainer import Trainer, TrainingInterrupted, resolve_device, write_summary
 from surgeon.weights import pretrained_kwargs
 
@@ -88,7 +92,7 @@ def _warnings_to(console: Console):
 
 
 def _same_recipe_or_fail(old: dict, new: dict, where: str, paths: RunPaths | None = None) -> None:
-    diffs = recipe_differences(old, new)
+    diffs = recipe_differences(with_added_keys(old), new)  # a run written before train.log resumes
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         hint = ("resume with the run's own recipe (omit RECIPE, or pass RUN/recipe.yaml) "
@@ -156,6 +160,7 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
     t_setup = time.perf_counter()
     with _warnings_to(console):
         recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
+        check_loggers(recipe)  # a missing optional logger fails here, before a run directory exists
         paths = RunPaths(Path(resume) if resume else Path(out) if out else default_run_dir(recipe))
         created = not paths.root.exists()
         writable_dir(paths.root, "run directory")  # before anything trains: read-only, below a file, /proc...
@@ -194,6 +199,8 @@ class _Run:
                 console.print(f"{paths.root} holds a run that stopped before its first checkpoint: starting it over",
                               markup=False)
                 paths.metrics.unlink(missing_ok=True)
+                paths.summary_csv.unlink(missing_ok=True)
+                shutil.rmtree(paths.tensorboard, ignore_errors=True)
             write_text(paths.recipe, recipe.to_yaml())
             self.wrote = True
         console.print(f"run directory: {paths.root}", markup=False)
@@ -234,8 +241,9 @@ class _Run:
 def _remove_unstarted(paths: RunPaths, created: bool) -> bool:
     """Remove what a run that never trained wrote (and its directory if this run created it)."""
     try:
-        for p in (paths.recipe, paths.metrics, paths.lock):
+        for p in (paths.recipe, paths.metrics, paths.summary_csv, paths.lock):
             p.unlink(missing_ok=True)
+        shutil.rmtree(paths.tensorboard, ignore_errors=True)  # side logs of the events just removed
         if paths.checkpoints.is_dir() and not any(paths.checkpoints.iterdir()):
             paths.checkpoints.rmdir()
         if created:
@@ -279,6 +287,9 @@ def _train(run: _Run, recipe, splits, console: Console, on_validate, t_setup: fl
         elif run.resume:
             log.truncate(0)  # died before its first checkpoint: start over in the same folder
             console.print("no checkpoint yet: starting the run from the beginning", markup=False)
+        # After the cut-back above: summary.csv is rebuilt from what metrics.jsonl still holds.
+        attach(log, recipe, paths, resumed_step=trainer.step if run.resume else None)
+        env = environment(device, recipe.source)
         plan = net.surgeon_plan
         log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
                 model=recipe.model.name, data=splits.source, num_classes=splits.num_classes,
@@ -286,7 +297,8 @@ def _train(run: _Run, recipe, splits, console: Console, on_validate, t_setup: fl
                 class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
                 precision=trainer.precision, seed=recipe.train.seed, provenance=splits.provenance,
                 lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
-                steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None)
+                steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None,
+                environment=env)
         budget = trainer.budget
         console.print(f"{recipe.name} on {recipe.model.name}: {plan.extra_params / 1e6:.4f}M extra params, "
                       f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
@@ -305,6 +317,7 @@ def _train(run: _Run, recipe, splits, console: Console, on_validate, t_setup: fl
         run.trained = True
         summary = trainer.finish()
         summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
+        summary["environment"] = env
         write_summary(paths, summary)
         _write_analysis(net, paths, console)
         if summary["val_in_train"]:
@@ -349,21 +362,28 @@ def _timing(paths: RunPaths, key: str, seconds: float) -> dict:
 
 
 def _write_analysis(model, paths: RunPaths, console: Console) -> None:
-    """``analysis.json``: the experts' mean pairwise cosine similarity (MLAE paper Figs. 4-5), for
-    LoRA-family runs; nothing for other methods."""
+    """``analysis.json``: the experts' mean pairwise cosine similarity (MLAE paper Figs. 4-5) —
+    of the low-rank experts' ``ΔW_j`` (LoRA family) and of the MoSA experts' deltas from the
+    dense init (per adapter); nothing for methods without experts."""
     try:
-        sim = expert_similarity(model)
+        parts = {"low-rank": expert_similarity(model), "adapter": adapter_expert_similarity(model)}
     except Exception as exc:  # noqa: BLE001 - an analysis must not cost the run its results
         console.print(f"warning: expert similarity not computed ({type(exc).__name__}: {exc})", markup=False)
         return
-    if not sim.get("layers"):
+    per_layer = [{"module": name, "mean": value, "kind": kind}
+                 for kind, sim in parts.items() for name, value in sim["layers"].items()]
+    if not per_layer:
         return
-    matrices = [m.tolist() for m in sim["matrices"].values()]
-    same = matrices and all(len(m) == len(matrices[0]) for m in matrices)
+    keys = [k for sim in parts.values() for k in sim["matrices"]]
+    matrices = [m.tolist() for sim in parts.values() for m in sim["matrices"].values()]
+    same = all(len(m) == len(matrices[0]) for m in matrices)
     write_json(paths.analysis, {"expert_similarity": {
-        "mean": sim["mean"],
-        "per_layer": [{"module": k, "mean": v} for k, v in sim["layers"].items()],
+        "mean": sum(e["mean"] for e in per_layer) / len(per_layer),
+        "per_layer": per_layer,
+        # one experts x experts matrix per module (per slice of a fused qkv); the first only when
+        # their sizes differ (the report plots their mean)
         "matrix": matrices if same else matrices[:1],
+        "matrix_keys": keys if same else keys[:1],
     }})
 
 

@@ -261,7 +261,8 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
 def merge_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
               mode: Optional[str] = typer.Option(None, "--mode", help=f"{' | '.join(MERGE_MODES)} (default: the recipe's "
                                                                       "eval.merge_mode).")):
-    """Merge a run into RUN/merged/ and record the merged-vs-unmerged output difference."""
+    """Merge a run and record the merged-vs-unmerged output difference: RUN/merged/ for the
+    recipe's eval.merge_mode (the run's figures), RUN/merged-<mode>/ for another mode."""
     from surgeon.merge_run import merge_run
 
     info = merge_run(run_dir, mode=mode)
@@ -274,6 +275,8 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluate on this data source instead."),
              inference: Optional[str] = typer.Option(None, "--inference", help=f"{' | '.join(INFERENCE_MODES)}."),
              split: Optional[str] = typer.Option(None, "--split", help="test | val | train (default test, else val)."),
+             merge_mode: Optional[str] = typer.Option(None, "--merge-mode", help=f"{' | '.join(MERGE_MODES)}: how merge "
+                                                      "inference merges experts (default: the recipe's eval.merge_mode)."),
              per_class: bool = typer.Option(False, "--per-class", help="Also print top-1 per class."),
              allow_class_mismatch: bool = typer.Option(
                  False, "--allow-class-mismatch",
@@ -285,15 +288,17 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split,
+        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split, merge_mode=merge_mode,
                                          allow_class_mismatch=allow_class_mismatch)
+    merged_by = info["merge_mode"] if res.inference == "merge" else None
     if as_json:
         payload = {"run": str(run_dir), "split": split_name, "source": info["source"], "inference": res.inference,
-                   "top1": res.top1, "loss": res.loss, "n": res.n, "per_class": res.per_class}
+                   "merge_mode": merged_by, "top1": res.top1, "loss": res.loss, "n": res.n, "per_class": res.per_class}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
+    how = f"{res.inference} inference" + (f", {merged_by} merge" if merged_by else "")
     out.print(f"{info['recipe']} on {info['model']}, {split_name} of {info['source']} ({res.n} images, "
-              f"{res.inference} inference): top-1 {res.top1:.2f}%  loss {res.loss:.4f}", markup=False)
+              f"{how}): top-1 {res.top1:.2f}%  loss {res.loss:.4f}", markup=False)
     if per_class:
         from rich.table import Table
 

@@ -18,7 +18,7 @@ import torch
 from surgeon.data import build_loader, build_splits
 from surgeon.errors import UserError
 from surgeon.io import read_json
-from surgeon.methods.modes import INFERENCE_MODES
+from surgeon.methods.modes import INFERENCE_MODES, MERGE_MODES
 from surgeon.recipe import Recipe
 from surgeon.rundir import RunPaths, merged_kind
 from surgeon.runload import load_run, load_run_recipe
@@ -69,18 +69,21 @@ def _last_event(run_dir: Path) -> dict:
 
 def eval_run(run_dir, *, data: str | None = None, mode: str | None = None, split: str | None = None,
              device: str = "cpu", batch_size: int | None = None,
-             allow_class_mismatch: bool = False) -> tuple[EvalResult, str, dict]:
+             merge_mode: str | None = None, allow_class_mismatch: bool = False) -> tuple[EvalResult, str, dict]:
     """Evaluate a run directory (what ``surgeon eval`` prints).
 
     Args:
         data: a ``data.source`` spec to evaluate on instead of the run's data (same classes).
         mode: inference mechanism; default the recipe's ``eval.inference``.
         split: ``test`` | ``val`` | ``train``; default test if the data has one, else val.
+        merge_mode: how ``merge`` inference merges the experts; default the recipe's
+            ``eval.merge_mode``. Its merged folder (``merged/``, or ``merged-<mode>/`` from
+            ``surgeon merge RUN --mode <mode>``) is evaluated when it exists.
         allow_class_mismatch: score data whose class names differ from the run's (labels
             matched by index) instead of refusing it.
 
     Returns:
-        (result, split name, info) where info has ``source``, ``model``, ``recipe``.
+        (result, split name, info) where info has ``source``, ``model``, ``recipe``, ``merge_mode``.
 
     Raises:
         UserError: not a run, unknown split, class count or names that do not match the model's,
@@ -94,8 +97,12 @@ def eval_run(run_dir, *, data: str | None = None, mode: str | None = None, split
     if mode != "merge" and not num_experts(recipe):
         raise UserError(f"inference '{mode}' needs experts; the recipe '{recipe.name}' has none",
                         hint="use --inference merge")
-    # merge: the merged artefact when there is one (what users deploy); otherwise the trained
-    # layers with the sampler in merge mode.
+    merge_mode = merge_mode or ev.merge_mode
+    if merge_mode not in MERGE_MODES:
+        raise UserError(f"unknown merge mode '{merge_mode}'", hint="choose one of: " + ", ".join(MERGE_MODES))
+    if merge_mode != ev.merge_mode and not num_experts(recipe):
+        raise UserError(f"merge mode '{merge_mode}' needs experts; the recipe '{recipe.name}' has none",
+                        hint="omit --merge-mode")
     last = _last_event(Path(run_dir))
     if (not RunPaths(Path(run_dir)).adapter.is_file() and last.get("event") == "stopped"
             and str(last.get("reason", "")).startswith("nonfinite")):
@@ -103,7 +110,11 @@ def eval_run(run_dir, *, data: str | None = None, mode: str | None = None, split
                         "evaluate", where=str(run_dir),
                         hint="see the nonfinite/stopped events in metrics.jsonl; train again with a lower "
                              "train.base_lr or train.grad_clip")
-    model = load_run(run_dir, merged=(mode == "merge" and merged_kind(Path(run_dir)) is not None), device=device)
+    # merge: the merged artefact of that mode when there is one (what users deploy); otherwise
+    # the trained layers with the sampler in merge mode.
+    folder = RunPaths(Path(run_dir)).merged_for(merge_mode, ev.merge_mode)
+    model = load_run(run_dir, merged=(mode == "merge" and merged_kind(Path(run_dir), folder) is not None),
+                     merge_mode=merge_mode, device=device)
     bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())),
                None)
     if bad is not None:
@@ -138,6 +149,7 @@ def eval_run(run_dir, *, data: str | None = None, mode: str | None = None, split
         dataset = dataset.with_transform(splits.val.transform) if splits.val is not None else dataset
     loader = build_loader(dataset, batch_size=batch_size or recipe.train.batch_size, shuffle=False,
                           seed=recipe.train.seed, num_workers=recipe.data.num_workers)
-    result = evaluate(model, loader, mode=mode, expert=ev.expert, merge_mode=ev.merge_mode,
+    result = evaluate(model, loader, mode=mode, expert=ev.expert, merge_mode=merge_mode,
                       num_classes=splits.num_classes, class_names=splits.class_names)
-    return result, split, {"source": data_cfg.source, "model": recipe.model.name, "recipe": recipe.name}
+    return result, split, {"source": data_cfg.source, "model": recipe.model.name, "recipe": recipe.name,
+                           "merge_mode": merge_mode if num_experts(recipe) else None}

@@ -3,6 +3,10 @@
 Everything here is below the pipeline: the trainer, merging, sweeps and reports write through
 it. A write goes to a temporary file in the same folder, is fsynced and then renamed over the
 target, so a SIGKILL at any moment leaves the old file or the new one, never a torn one.
+
+Every file gets the mode a plain ``open(path, "w")`` would give it (``0o666`` less the umask):
+some writers (safetensors) create their files ``0o600``, and a run's files should not differ in
+who may read them.
 """
 from __future__ import annotations
 
@@ -14,8 +18,29 @@ from pathlib import Path
 from surgeon.errors import UserError
 
 
+def file_mode() -> int:
+    """The permission bits of a newly created file: ``0o666`` less the process umask."""
+    try:  # Linux reports the umask without changing it (changing it races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def set_file_mode(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode of :func:`file_mode`."""
+    path, mode = Path(path), file_mode()
+    for p in [path] if path.is_file() else (q for q in path.rglob("*") if q.is_file()):
+        os.chmod(p, mode)
+
+
 def atomic_write(path: Path, write, verify=None) -> None:
-    """``write(tmp_path)`` then fsync and rename over ``path`` (same folder, so rename is atomic).
+    """``write(tmp_path)`` then fsync and rename over ``path`` (same folder, so rename is atomic);
+    the file gets the umask's mode (:func:`file_mode`) whatever ``write`` created it with.
 
     ``verify(tmp_path)``, if given, reads the written file back before the rename and raises if
     it is not what was meant: a bad write (a full disk, a bug) then never replaces a good file.
@@ -26,6 +51,7 @@ def atomic_write(path: Path, write, verify=None) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if verify is not None:

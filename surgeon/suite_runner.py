@@ -16,7 +16,9 @@ from surgeon.errors import UserError
 from surgeon.evaluate import eval_run
 from surgeon.recipe import load_recipe
 from surgeon.recipe.loader import parse_override
-from surgeon.report import compare_runs
+from surgeon.report import collect_runs, compare_runs
+from surgeon.report.document import Heading
+from surgeon.report.orderings import ordering, orderings_table
 from surgeon.report.tables import Table
 from surgeon.rundir import read_run_recipe
 from surgeon.suite import ABLATION_MODES, Cell, SweepJob, _short, cell_finished, load_suite, suite_cells, suite_sweeps
@@ -170,8 +172,9 @@ def chosen_table(suite: dict, jobs: dict):
 
 
 def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
-    """Top-1 of each inference mechanism on every finished cell of ``recipes`` (cached per run)."""
-    results: dict[tuple[str, str, str], list[float]] = {}
+    """Top-1 of each inference mechanism on every finished cell of ``recipes`` (cached per run):
+    ``(recipe, mode, dataset, seed) -> top-1 (%)``."""
+    results: dict[tuple[str, str, str, int], float] = {}
     for cell in cells:
         if cell.recipe not in recipes or not cell_finished(cell.run_dir):
             continue
@@ -184,7 +187,7 @@ def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
                 console.print(f"  inference {mode:<10} {cell.label}: {res.top1:.1f}% ({split})", markup=False)
         cache.write_text(json.dumps(scores, indent=2))
         for mode in ABLATION_MODES:
-            results.setdefault((cell.recipe, mode, _short(cell.dataset)), []).append(scores[mode])
+            results[(cell.recipe, mode, _short(cell.dataset), cell.seed)] = scores[mode]
     return results
 
 
@@ -203,11 +206,25 @@ def ablation_table(suite: dict, ablation: dict):
                   title="Inference mechanisms (MoSA Table 6): test top-1 (%), mean ± std over seeds")
     for recipe in suite.get("inference_ablation") or []:
         for mode in ABLATION_MODES:
-            cols = [ablation.get((recipe, mode, d), []) for d in datasets]
+            cols = [[v for (r, m, dd, _), v in ablation.items() if (r, m, dd) == (recipe, mode, d)] for d in datasets]
             means = [statistics.mean(c) for c in cols if c]
             table.rows.append([recipe, mode, *(_mean_std(c) for c in cols),
                                f"{statistics.mean(means):.1f}" if len(means) == len(cols) else "—"])
     return table
+
+
+def _ordering_scores(cells: list[Cell], ablation: dict) -> dict[tuple[str, str, int], float]:
+    """``(label, dataset, seed) -> test top-1 (%)`` of the finished cells; a label is a recipe
+    name, or ``recipe:mode`` for an inference mechanism of the ablation (``mosa_hier:stochastic``)."""
+    scores = {}
+    for cell in cells:
+        if cell_finished(cell.run_dir):
+            result = collect_runs([cell.run_dir])[0]
+            if result.top1 is not None and result.metric == "test":
+                scores[(cell.recipe, _short(cell.dataset), cell.seed)] = result.top1
+    for (recipe, mode, dataset, seed), value in ablation.items():
+        scores[(f"{recipe}:{mode}", dataset, seed)] = value
+    return scores
 
 
 def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Console,
@@ -219,6 +236,10 @@ def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Cons
         raise UserError(f"no finished runs under {root}", hint="run the suite first")
     ablation = _ablation(cells, suite.get("inference_ablation") or [], console)
     extra = [ablation_table(suite, ablation)] if ablation else []
+    if suite.get("orderings"):
+        extra += [Heading("The papers' orderings, paired over tasks × seeds"),
+                  orderings_table([ordering(_ordering_scores(cells, ablation), better, worse)
+                                   for better, worse in suite["orderings"]])]
     if jobs:
         extra.append(chosen_table(suite, jobs))
     md = compare_runs(finished, root / "report", title=f"Suite {suite['name']}", extra_blocks=extra)

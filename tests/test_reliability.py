@@ -823,7 +823,8 @@ class _Cli:
             self.err.append(line)
             self.lines.put(line)
 
-    def wait_for(self, text: str, timeout: float = 120) -> None:
+    def seen(self, text: str, timeout: float = 120) -> bool:
+        """Wait for a stderr line holding ``text``; False if the process ended without one."""
         import queue
         import time
 
@@ -831,11 +832,15 @@ class _Cli:
         while time.time() < deadline:
             try:
                 if text in self.lines.get(timeout=1):
-                    return
+                    return True
             except queue.Empty:
                 if self.proc.poll() is not None:
-                    break
-        raise AssertionError(f"{text!r} not seen; stderr: {''.join(self.err)[-3000:]}")
+                    return False
+        raise AssertionError(f"{text!r} not seen in {timeout} s; stderr: {''.join(self.err)[-3000:]}")
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        if not self.seen(text, timeout):
+            raise AssertionError(f"{text!r} not seen; stderr: {''.join(self.err)[-3000:]}")
 
     def ctrl_c(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)
@@ -882,12 +887,23 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_leaves_the_previous_one(img
     from surgeon.train.checkpoint import load_checkpoint
 
     recipe, run = _long_recipe(tmp_path, img, checkpoint_every=3), tmp_path / "run"
-    cli = _Cli("apply", recipe, "--out", run, env={"SURGEON_TEST_SLOW_SAVE": "1"})
+    slow = {"SURGEON_TEST_SLOW_SAVE": "1"}
+    cli = _Cli("apply", recipe, "--out", run, env=slow)
     cli.wait_for("step 1/")
     while not (run / "checkpoints" / "last.pt").exists():
         time.sleep(0.05)
-    cli.ctrl_c()
-    cli.wait_for("SLOW-SAVE")  # the interrupt's checkpoint is half done: in its temporary file
+    for attempt in range(3):
+        cli.ctrl_c()
+        if cli.seen("SLOW-SAVE"):  # the interrupt's checkpoint is half done: in its temporary file
+            break
+        # The Ctrl-C came just after a scheduled checkpoint: the run stopped with nothing more to
+        # write (correctly). Resume and interrupt again, at another moment of the step.
+        assert cli.finish() == 130 and "checkpoint saved" in cli.err[-1], "".join(cli.err)
+        cli = _Cli("apply", "--resume", run, env=slow)
+        cli.wait_for("resuming at step")
+        time.sleep(0.3 * (attempt + 1))
+    else:
+        raise AssertionError("three Ctrl-Cs in a row landed just after a scheduled checkpoint")
     before = (run / "checkpoints" / "last.pt").read_bytes()
     saved = load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"]
     cli.ctrl_c()

@@ -81,6 +81,14 @@ def test_apply_writes_the_run_directory(mosa_run, data):
     assert len(preds["labels"]) == len(preds["preds"]) == 9 and preds["class_names"] == ["class0", "class1", "class2"]
     acc = 100 * sum(a == b for a, b in zip(preds["labels"], preds["preds"])) / 9
     assert acc == pytest.approx(end["test_top1"])
+    # MoSA runs get the expert-similarity analysis (per adapter) and its report section too.
+    analysis = json.loads((mosa_run / "analysis.json").read_text())["expert_similarity"]
+    assert [(e["module"], e["kind"]) for e in analysis["per_layer"]] == [("blocks.0.mlp", "adapter"),
+                                                                       ("blocks.1.mlp", "adapter")]
+    assert len(analysis["matrix"]) == 2 and analysis["matrix_keys"] == ["blocks.0.mlp", "blocks.1.mlp"]
+    report = (mosa_run / "report.md").read_text()
+    assert "## Expert similarity" in report and "MoSA experts' deltas" in report
+    assert "Mean over the 2 adapted modules in 2 blocks" in report
     # adapter.safetensors is small: the trained tensors, not the backbone.
     assert (mosa_run / "adapter.safetensors").stat().st_size < 0.1 * (mosa_run / "merged" / "model.safetensors").stat().st_size
 
@@ -97,13 +105,47 @@ def test_eval_matches_training_and_merge_modes(mosa_run, cli):
     assert cli("eval", str(mosa_run), "--inference", "fixed").code == 0
     assert cli("eval", str(mosa_run), "--inference", "stochastic").code == 0
 
+    # Another merge mode gets its own folder: merged/ stays the recipe's (average) merge, which the
+    # run's figures measure; summary.json keeps both checks.
+    average = (mosa_run / "merged" / "model.safetensors").read_bytes()
     res = cli("merge", str(mosa_run), "--mode", "jigsaw")
     assert res.code == 0, res
+    assert str(mosa_run / "merged-jigsaw") in res.out
     merges = [e for e in read_events(mosa_run) if e["event"] == "merge"]
     assert merges[-1]["mode"] == "jigsaw" and merges[-1]["max_abs_diff"] < 1e-4
-    assert json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "jigsaw"
-    res = cli("merge", str(mosa_run))  # back to the recipe's mode
+    assert merges[-1]["path"] == str(mosa_run / "merged-jigsaw")
+    assert json.loads((mosa_run / "merged-jigsaw" / "surgeon.json").read_text())["merge_mode"] == "jigsaw"
+    assert json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "average"
+    assert (mosa_run / "merged" / "model.safetensors").read_bytes() == average
+    after = json.loads((mosa_run / "summary.json").read_text())
+    assert after["merge"]["mode"] == "average" and set(after["merges"]) == {"average", "jigsaw"}
+    assert after["test_top1"] == summary["test_top1"]
+    # eval follows the mode asked for: the recipe's by default, jigsaw's own folder on request
+    res = cli("eval", str(mosa_run), "--json")
+    assert json.loads(res.out)["merge_mode"] == "average" and json.loads(res.out)["top1"] == pytest.approx(summary["test_top1"])
+    res = cli("eval", str(mosa_run), "--merge-mode", "jigsaw", "--json")
+    assert res.code == 0, res
+    jigsaw = json.loads(res.out)
+    assert jigsaw["merge_mode"] == "jigsaw" and jigsaw["n"] == 9
+    unmerged = surgeon.load_run(mosa_run, merged=False, merge_mode="jigsaw")  # jigsaw on the fly
+    merged = surgeon.load_run(mosa_run, merge_mode="jigsaw")                  # merged-jigsaw/ from disk
+    x = fixed_batch(merged, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), unmerged(x), atol=1e-5, rtol=0)
+    assert "ensemble inference):" in cli("eval", str(mosa_run), "--inference", "ensemble").out
+    report = (mosa_run / "report.md")
+    assert cli("report", str(mosa_run)).code == 0
+    assert "`merged-jigsaw/`: the `jigsaw` merge" in report.read_text()
+    # merged/ of another mode (what an earlier surgeon left after `merge --mode jigsaw`) is refused
+    # with the command that rewrites it, not loaded as if it were the run's merge.
+    info = mosa_run / "merged" / "surgeon.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "merge_mode": "jigsaw"}))
+    res = cli("eval", str(mosa_run))
+    assert res.code == 2 and "merged/ holds a 'jigsaw' merge, not the 'average' merge" in res.err
+    assert f"surgeon merge {mosa_run}`" in res.err
+    res = cli("merge", str(mosa_run))  # the recipe's mode again: merged/ rewritten, merged-jigsaw/ kept
     assert res.code == 0 and json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "average"
+    assert (mosa_run / "merged-jigsaw").is_dir()
 
 
 def test_load_run_merged_equals_unmerged(mosa_run):
@@ -245,6 +287,9 @@ def test_bad_run_inputs_exit_2(tmp_path, data, cli):
         (_apply(cli, recipe, "--out", str(run)), "already holds a run"),
         (cli("eval", str(run), "--inference", "ensemble"), "needs experts"),
         (cli("eval", str(run), "--split", "train2"), "no 'train2' split"),
+        (cli("merge", str(run), "--mode", "jigsaw"), "needs experts"),
+        (cli("merge", str(run), "--mode", "quilt"), "unknown merge mode"),
+        (cli("eval", str(run), "--merge-mode", "jigsaw"), "needs experts"),
         (cli("apply", "--resume", str(tmp_path / "nope")), "does not exist"),
         *locked,
         (changed, "the data changed since the checkpoint (train: 19 images (was 18))"),

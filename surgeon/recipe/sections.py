@@ -112,6 +112,7 @@ class TrainConfig:
     checkpoint_every: int
     max_bad_steps: int
     merge: bool
+    log: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -607,6 +608,17 @@ TRAIN_SCHEMA = {
             "type": "boolean",
             "default": True,
             "description": "Merge and write RUN/merged at the end of training.",
+        },
+        "log": {
+            "type": "array",
+            "items": {"enum": ["tensorboard"]},
+            "uniqueItems": True,
+            "default": [],
+            "description": (
+                "Extra training logs besides RUN/metrics.jsonl (the source of truth) and RUN/summary.csv: "
+                "`tensorboard` writes TensorBoard event files to RUN/tensorboard (loss and its terms, lr, img/s, "
+                "val/test top-1; needs `pip install 'surgeon[tensorboard]'`)."
+            ),
         },
     },
 }

@@ -43,7 +43,8 @@ from surgeon.errors import UserError
 from surgeon.io import read_json, write_json
 from surgeon.merge_run import merge_run
 from surgeon.recipe import load_recipe
-from surgeon.rundir import dataset_short_name, merged_kind, read_run_recipe, recipe_differences
+from surgeon.rundir import (dataset_short_name, merged_kind, read_run_recipe, recipe_differences, with_added_keys,
+                            without_added_defaults)
 from surgeon.runload import load_run_recipe
 from surgeon.sweep import space
 from surgeon.sweep import study as st
@@ -469,7 +470,7 @@ class _Worker:
             old = read_run_recipe(run_dir)
         except UserError:
             old = None
-        diffs = [] if old is None else [d for d in recipe_differences(old, expected.to_dict())
+        diffs = [] if old is None else [d for d in recipe_differences(with_added_keys(old), expected.to_dict())
                                         if not d.startswith("model.num_classes")]
         if old is not None and not diffs:
             return
@@ -780,7 +781,8 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
     seed_list = parsed if parsed is not None else [base.train.seed]
     # The sweep's identity: the resolved recipe (as written: relative paths stay relative, so
     # the same command on several machines names the same study), the grid and the sampler.
-    digest = _hash({"recipe": base.to_dict(), "grid": grid, "sampler": sampler})
+    # (Keys added to recipes since, at their old value, are left out: the same sweep keeps its name.)
+    digest = _hash({"recipe": without_added_defaults(base.to_dict()), "grid": grid, "sampler": sampler})
     name = f"{base.name}-{dataset_short_name(base.data.source)}-{digest}"
     spec = SweepSpec(recipe=recipe, grid=grid, out=str(Path(out) if out else Path("runs") / "sweeps" / name),
                      study=study or name, digest=digest, model=model, data=data, overrides=overrides,
