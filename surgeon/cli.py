@@ -131,7 +131,7 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
         if data is not None:
             from surgeon.data.sources import source_classes
 
-            names = source_classes(r.data, seed=r.data.seed)
+            names = source_classes(r.data, seed=r.data.seed, num_classes=r.model.num_classes)
             given = r.model.num_classes
             if given is not None and given != len(names):
                 raise UserError(f"model.num_classes is {given} but the data has {len(names)} classes",

@@ -288,6 +288,18 @@ def test_list_labels_are_bounded_before_anything_is_built(tmp_path, shapes, line
         assert needle in exc.value.message and exc.value.where == f"{tmp_path / 'l.txt'}:{line}"
 
 
+def test_plan_bounds_list_labels_by_the_declared_class_count(tmp_path, write, cli):
+    """`plan --data` sizes the head from the labels as `apply` does: a declared
+    model.num_classes is the bound, not the number of images listed."""
+    _images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "l.txt").write_text("a.png 0\nb.png 5\n")
+    recipe = write("r.yaml", TINY)
+    res = cli("plan", recipe, "--data", f"filelist:{tmp_path / 'l.txt'}")
+    assert res.code == 2 and f"{tmp_path / 'l.txt'}:2" in res.err and "more than the 2 images listed" in res.err
+    res = cli("plan", recipe, "--data", f"filelist:{tmp_path / 'l.txt'}", "--set", "model.num_classes=6")
+    assert res.code == 0, res
+
+
 def test_fgvc_labels_are_bounded_at_their_line(tmp_path, shapes):
     from surgeon.data import build_splits
 
