@@ -943,3 +943,23 @@ def test_ctrl_c_before_the_first_step_leaves_nothing(img, tmp_path):
         assert not run.exists()
     else:  # the first step was quicker than the signal
         assert "checkpoint saved" in last
+
+
+def test_an_op_the_meta_device_cannot_run_is_not_blamed_on_the_image_size():
+    """The pre-flight forward runs on the meta device; an op without a meta kernel (or one that
+    reads a value, `.item()`) says nothing about the image size, so it is not reported as one."""
+    from surgeon.model import check_input_size
+
+    class ReadsAValue(torch.nn.Module):
+        def forward(self, x):
+            return x * x.sum().item()
+
+    check_input_size(ReadsAValue().to("meta"), (3, 8, 8), "data.image_size")  # no error
+
+    class TooSmall(torch.nn.Module):
+        def forward(self, x):
+            assert x.shape[-1] == 16, f"Input width ({x.shape[-1]}) doesn't match model (16)."
+            return x
+
+    with pytest.raises(UserError, match="cannot take the data's 8x8 images"):
+        check_input_size(TooSmall(), (3, 8, 8), "data.image_size")
