@@ -17,6 +17,12 @@ Order matters and is part of the contract:
 ``--resume RUN`` repeats 1-3, refuses a recipe that differs from ``RUN/recipe.yaml``, and
 continues from ``RUN/checkpoints/last.pt`` (or from the start if the run died before its
 first checkpoint).
+
+Under ``torchrun`` (:mod:`surgeon.train.distributed`) every process runs steps 1-3 and builds
+the model; rank 0 alone chooses and writes the run directory, reads the checkpoint (sent to the
+others), writes metrics, summary, merge and report, and prints. The other ranks train, help
+evaluate, and return the run directory. A resumed run may use another number of processes: the
+checkpoint holds the global step and data position.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from surgeon.rundir import (MetricsLog, RunPaths, default_run_dir, read_run_reci
                             with_added_keys)
 from surgeon.seeding import seed_everything
 from surgeon.train.checkpoint import load_checkpoint
+from surgeon.train.distributed import NullMetricsLog, World, broadcast_object, init_world, shutdown
 from surgeon.train.loggers import attach, check_loggers
 from surgeon.train.provenance import environment
 from surgeon.train.trainer import Trainer, resolve_device, write_summary
@@ -118,92 +125,134 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
         raise UserError(f"--out {out} and --resume {resume} name different run directories",
                         hint="--resume continues the run in its own directory; drop --out")
     t_setup = time.perf_counter()
-    with _warnings_to(console):
-        recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
-        check_loggers(recipe)  # a missing optional logger fails here, before a run directory exists
+    world = World()
+    try:
+        with _warnings_to(console):
+            recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
+            world, device = init_world(resolve_device(recipe.train.device))
+            if not world.is_main:  # rank 0 speaks for the run
+                console = Console(stderr=True, quiet=True)
+            with _warnings_to(console):
+                return _apply(recipe, splits, world, device, out=out, resume=resume, console=console,
+                              on_validate=on_validate, t_setup=t_setup)
+    finally:
+        shutdown(world)
 
-        # The run directory and its recipe, before anything is trained.
-        if resume:
-            paths = RunPaths(Path(resume))
-            _same_recipe_or_fail(read_run_recipe(paths.root), recipe.to_dict(), str(paths.recipe))
-        else:
-            root = Path(out) if out else default_run_dir(recipe)
-            if root.exists() and any((root / f).exists() for f in ("recipe.yaml", "metrics.jsonl")):
-                raise UserError(f"{root} already holds a run", hint=f"continue it with --resume {root}, or choose another --out")
-            root.mkdir(parents=True, exist_ok=True)
-            paths = RunPaths(root)
-            write_text(paths.recipe, recipe.to_yaml())
-        console.print(f"run directory: {paths.root}", markup=False)
 
-        device = resolve_device(recipe.train.device)
-        seed_everything(recipe.train.seed)  # the head's initialisation
-        net = build_checked_model(recipe, num_classes=splits.num_classes, device=device)
-        state = None
-        if resume and paths.last.is_file():
-            state = load_checkpoint(paths.last)
-            _same_recipe_or_fail(state["recipe"], recipe.to_dict(), str(paths.last))
-        log = MetricsLog(paths.metrics)
+def _on_main(world: World, action):
+    """``action()`` on rank 0, its result (or its user error) on every rank."""
+    result = error = None
+    if world.is_main:
         try:
-            trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console,
-                              on_validate=on_validate)
-            if state is not None:
-                trainer.load_checkpoint(state)
-                console.print(f"resuming at step {trainer.step} of {trainer.budget.total_steps} "
-                              f"(epoch {trainer.epoch + 1}, batch {trainer.batch})", markup=False)
-            elif resume:
-                log.truncate(0)  # died before its first checkpoint: start over in the same folder
-                console.print("no checkpoint yet: starting the run from the beginning", markup=False)
-            # After the cut-back above: summary.csv is rebuilt from what metrics.jsonl still holds.
+            result = action()
+        except UserError as exc:
+            error = exc
+    failed = broadcast_object(str(error) if error is not None else None, world)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise UserError(f"rank 0 stopped: {failed}")
+    return broadcast_object(result, world)
+
+
+def _run_directory(recipe, out: str | None, resume: str | None) -> RunPaths:
+    """The run directory and its recipe, before anything is trained (rank 0)."""
+    if resume:
+        paths = RunPaths(Path(resume))
+        _same_recipe_or_fail(read_run_recipe(paths.root), recipe.to_dict(), str(paths.recipe))
+        return paths
+    root = Path(out) if out else default_run_dir(recipe)
+    if root.exists() and any((root / f).exists() for f in ("recipe.yaml", "metrics.jsonl")):
+        raise UserError(f"{root} already holds a run", hint=f"continue it with --resume {root}, or choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    paths = RunPaths(root)
+    write_text(paths.recipe, recipe.to_yaml())
+    return paths
+
+
+def _resume_state(recipe, paths: RunPaths, resume: str | None) -> dict | None:
+    """The checkpoint to continue from (rank 0 reads it), or None."""
+    if not (resume and paths.last.is_file()):
+        return None
+    state = load_checkpoint(paths.last)
+    _same_recipe_or_fail(state["recipe"], recipe.to_dict(), str(paths.last))
+    return state
+
+
+def _apply(recipe, splits, world: World, device, *, out, resume, console: Console, on_validate, t_setup: float) -> Path:
+    """Steps 4-6 of :func:`apply_recipe` in this process (one of ``world``)."""
+    check_loggers(recipe)  # a missing optional logger fails here, before a run directory exists
+    paths = _on_main(world, lambda: _run_directory(recipe, out, resume))
+    console.print(f"run directory: {paths.root}", markup=False)
+
+    seed_everything(recipe.train.seed)  # the head's initialisation
+    net = build_checked_model(recipe, num_classes=splits.num_classes, device=device)
+    state = _on_main(world, lambda: _resume_state(recipe, paths, resume))
+    log = MetricsLog(paths.metrics) if world.is_main else NullMetricsLog()
+    try:
+        trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console,
+                          on_validate=on_validate, world=world)
+        if state is not None:
+            trainer.load_checkpoint(state)
+            console.print(f"resuming at step {trainer.step} of {trainer.budget.total_steps} "
+                          f"(epoch {trainer.epoch + 1}, batch {trainer.batch})", markup=False)
+        elif resume:
+            log.truncate(0)  # died before its first checkpoint: start over in the same folder
+            console.print("no checkpoint yet: starting the run from the beginning", markup=False)
+        # After the cut-back above: summary.csv is rebuilt from what metrics.jsonl still holds.
+        if world.is_main:
             attach(log, recipe, paths, resumed_step=trainer.step if resume else None)
-            env = environment(device, recipe.source)
-            plan = net.surgeon_plan
-            log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
-                    model=recipe.model.name, data=splits.source, num_classes=splits.num_classes,
-                    warmup_steps=trainer.budget.warmup_steps, batch_size=recipe.train.batch_size,
-                    class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
-                    precision=trainer.precision, seed=recipe.train.seed, provenance=splits.provenance,
-                    lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
-                    steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None,
-                    environment=env)
-            budget = trainer.budget
-            console.print(f"{recipe.name} on {recipe.model.name}: {plan.extra_params / 1e6:.4f}M extra params, "
-                          f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
-                          f"{splits.num_classes} classes; peak lr {trainer.optimizer.param_groups[0]['initial_lr']:.3g} "
-                          f"({recipe.train.optimizer}), batch {recipe.train.batch_size}, "
-                          f"{budget.warmup_steps} warm-up + {budget.total_steps - budget.warmup_steps} decay = "
-                          f"{budget.total_steps} steps ({budget.epochs} epochs of {budget.steps_per_epoch}) on {device} "
-                          f"({trainer.precision})", markup=False)
-            if budget.warmup_clamped:
-                console.print(f"warning: the warm-up ({budget.warmup_requested} steps) covered more than half of the "
-                              f"run ({budget.total_steps} steps); shortened to {budget.warmup_steps} steps "
-                              f"(set train.warmup_epochs or train.warmup_steps to choose)", markup=False)
-            setup_seconds = time.perf_counter() - t_setup
+        env = environment(device, recipe.source, world=world.to_dict())
+        plan = net.surgeon_plan
+        log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
+                model=recipe.model.name, data=splits.source, num_classes=splits.num_classes,
+                warmup_steps=trainer.budget.warmup_steps, batch_size=recipe.train.batch_size,
+                class_names=list(splits.class_names), plan=plan.to_dict(), device=str(device),
+                precision=trainer.precision, seed=recipe.train.seed, provenance=splits.provenance,
+                lr=trainer.optimizer.param_groups[0]["initial_lr"], total_steps=trainer.budget.total_steps,
+                steps_per_epoch=trainer.budget.steps_per_epoch, resumed_from_step=trainer.step if state else None,
+                environment=env)
+        budget = trainer.budget
+        console.print(f"{recipe.name} on {recipe.model.name}: {plan.extra_params / 1e6:.4f}M extra params, "
+                      f"{plan.trainable_params:,} trainable; {len(splits.train)} train images, "
+                      f"{splits.num_classes} classes; peak lr {trainer.optimizer.param_groups[0]['initial_lr']:.3g} "
+                      f"({recipe.train.optimizer}), batch {recipe.train.batch_size}, "
+                      f"{budget.warmup_steps} warm-up + {budget.total_steps - budget.warmup_steps} decay = "
+                      f"{budget.total_steps} steps ({budget.epochs} epochs of {budget.steps_per_epoch}) on {device} "
+                      f"({trainer.precision})", markup=False)
+        if budget.warmup_clamped:
+            console.print(f"warning: the warm-up ({budget.warmup_requested} steps) covered more than half of the "
+                          f"run ({budget.total_steps} steps); shortened to {budget.warmup_steps} steps "
+                          f"(set train.warmup_epochs or train.warmup_steps to choose)", markup=False)
+        setup_seconds = time.perf_counter() - t_setup
 
-            trainer.train()
-            summary = trainer.finish()
-            summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
-            summary["environment"] = env
-            write_summary(paths, summary)
-            _write_analysis(net, paths, console)
-            if summary["val_in_train"]:
-                line = (f"done: val top-1 {_pct(summary['best_val_top1'])} at best (val images are training images: "
-                        f"not a held-out score); reported: the {summary['checkpoint']} state, step {summary['reported_step']}")
-            else:
-                line = (f"done: best val top-1 {_pct(summary['best_val_top1'])} at step {summary['best_step']}; "
-                        f"reported: the {summary['checkpoint']} state, step {summary['reported_step']}")
-            if summary["test_top1"] is not None:
-                line += f", test top-1 {_pct(summary['test_top1'])}"
-            console.print(line + f"; {summary['img_per_s']:.1f} img/s", markup=False)
+        trainer.train()
+        summary = trainer.finish()
+        if not world.is_main:
+            return paths.root  # rank 0 writes the rest
+        summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
+        summary["environment"] = env
+        write_summary(paths, summary)
+        _write_analysis(net, paths, console)
+        if summary["val_in_train"]:
+            line = (f"done: val top-1 {_pct(summary['best_val_top1'])} at best (val images are training images: "
+                    f"not a held-out score); reported: the {summary['checkpoint']} state, step {summary['reported_step']}")
+        else:
+            line = (f"done: best val top-1 {_pct(summary['best_val_top1'])} at step {summary['best_step']}; "
+                    f"reported: the {summary['checkpoint']} state, step {summary['reported_step']}")
+        if summary["test_top1"] is not None:
+            line += f", test top-1 {_pct(summary['test_top1'])}"
+        console.print(line + f"; {summary['img_per_s']:.1f} img/s", markup=False)
 
-            if recipe.train.merge:
-                t = time.perf_counter()
-                info = merge_run(paths.root, mode=recipe.eval.merge_mode, model=net, log=log)
-                summary = _timing(paths, "merge_seconds", time.perf_counter() - t)
-                console.print(f"merged ({info['format']}, {info['mode']}) -> {info['path']}: max |Δlogit| "
-                              f"{info['max_abs_diff']:.3g} (relative {info['max_rel_diff']:.3g})", markup=False)
-        finally:
-            log.close()
-        _report(paths, console)
+        if recipe.train.merge:
+            t = time.perf_counter()
+            info = merge_run(paths.root, mode=recipe.eval.merge_mode, model=net, log=log)
+            summary = _timing(paths, "merge_seconds", time.perf_counter() - t)
+            console.print(f"merged ({info['format']}, {info['mode']}) -> {info['path']}: max |Δlogit| "
+                          f"{info['max_abs_diff']:.3g} (relative {info['max_rel_diff']:.3g})", markup=False)
+    finally:
+        log.close()
+    _report(paths, console)
     return paths.root
 
 

@@ -10,6 +10,7 @@ their function, which is why most imports below are local.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -232,7 +233,8 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
     from surgeon.apply import apply_recipe
 
     run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume, console=err)
-    out.print(str(run_dir), markup=False)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone names the run
+        out.print(str(run_dir), markup=False)
 
 
 @app.command("merge")
