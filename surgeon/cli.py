@@ -228,8 +228,23 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
           model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. imagefolder:PATH."),
           out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<model>-<data>-<time>)."),
-          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory.")):
+          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N processes of this machine (one per GPU; gloo "
+                                                             "on CPU) through torchrun; train.batch_size stays the "
+                                                             "global batch. Several machines: run torchrun yourself.")):
     """Train: surgery + training + merge + report. Prints the run directory last."""
+    if nproc > 1:
+        if os.environ.get("WORLD_SIZE"):
+            raise UserError("--nproc inside a torchrun launch", hint="torchrun already starts the processes: drop --nproc")
+        from surgeon.train.distributed import launch_local
+
+        argv = ["apply", *([recipe] if recipe else []), *(["--model", model] if model else []),
+                *[a for value in (set_ or []) for a in ("--set", value)], *(["--data", data] if data else []),
+                *(["--out", out_dir] if out_dir else []), *(["--resume", resume] if resume else [])]
+        code = launch_local(nproc, argv)
+        if code:
+            sys.exit(code)
+        return
     from surgeon.apply import apply_recipe
 
     run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume, console=err)

@@ -324,3 +324,53 @@ def test_killed_under_two_processes_resumed_under_one(tmp_path, equiv_data):
     print(f"\nkilled after the step-{killed} checkpoint (2 processes), resumed at step {state['step']} by one: "
           f"max relative difference {rel:.2e}")
     assert rel < 1e-5
+
+
+# ------------------------------------------------------------------------ surgeon apply --nproc
+
+def test_nproc_launches_torchrun_with_the_same_arguments(cli, monkeypatch):
+    """--nproc N goes through torch.distributed.run (standalone, N processes, -m surgeon) with the
+    apply arguments minus --nproc; a rank's user error becomes exit 2."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    seen = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torchrun, "run", lambda args: seen.append(args))
+    res = cli("apply", "r.yaml", "--set", "train.epochs=1", "--set", "seed=2", "--out", "o", "--nproc", "3")
+    assert res.code == 0, res
+    (args,) = seen
+    assert args.standalone and args.nproc_per_node == "3" and args.module
+    assert [args.training_script, *args.training_script_args] == [
+        "surgeon", "apply", "r.yaml", "--set", "train.epochs=1", "--set", "seed=2", "--out", "o"]
+
+    def fail(args):
+        raise ChildFailedError("surgeon", {1: ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file="")})
+
+    monkeypatch.setattr(torchrun, "run", fail)
+    assert cli("apply", "r.yaml", "--nproc", "2").code == 2
+
+
+def test_nproc_refused_inside_torchrun_and_below_one(cli, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = cli("apply", "r.yaml", "--nproc", "2")
+    assert res.code == 2 and "inside a torchrun launch" in res.err and "Traceback" not in res.err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert cli("apply", "r.yaml", "--nproc", "0").code == 2
+
+
+@pytest.mark.slow
+def test_apply_nproc_two_trains_and_reports_user_errors(tmp_path, equiv_data):
+    surgery, reg = EQUIV["mlae"]
+    recipe = write_recipe(tmp_path / "r.yaml", equiv_data, surgery=surgery, regularizers=reg,
+                          train={**EQUIV_TRAIN, "epochs": 1})
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "surgeon", "apply", str(recipe), "--nproc", "2"]
+    done = subprocess.run(cmd + ["--out", str(tmp_path / "run")], env=env, cwd=str(ROOT), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(tmp_path / "run")]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["distributed"]["world_size"] == 2
+    bad = subprocess.run(cmd + ["--data", f"imagefolder:{tmp_path / 'nowhere'}"], env=env, cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]

@@ -191,3 +191,22 @@ class NullMetricsLog:
 
     def close(self) -> None:
         pass
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m surgeon ARGV`` on ``nproc`` processes of this machine through torch's own
+    launcher (``torch.distributed.run``, i.e. ``torchrun --standalone --nproc-per-node nproc``).
+
+    Returns:
+        the exit code: 0, 2 when a rank stopped on a user error (the ranks printed it), else 1.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # the launcher's own types
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={int(nproc)}", "-m", "surgeon", *argv])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        return 2 if 2 in codes else 1
+    return 0
