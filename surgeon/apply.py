@@ -29,6 +29,12 @@ checkpoint can be resumed (from the start) or simply started again with the same
 Ctrl-C during training writes a checkpoint of the step under way (see
 :class:`~surgeon.train.trainer.TrainingInterrupted`); every interrupt ends in :class:`Interrupted`,
 whose message is the one line saying how to resume.
+
+Under ``torchrun`` (:mod:`surgeon.train.distributed`) every process runs steps 1-4 and builds
+the model; rank 0 alone chooses, checks, locks and writes the run directory, reads the
+checkpoint (sent to the others), writes metrics, summary, merge and report, and prints. The
+other ranks train, help evaluate, and return the run directory. A resumed run may use another
+number of processes: the checkpoint holds the global step and data position.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ import datetime as _dt
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -58,6 +64,7 @@ from surgeon.rundir import (MetricsLog, RunLock, RunPaths, default_run_dir, read
 from surgeon.seeding import seed_everything
 from surgeon.surgery import surgery_state
 from surgeon.train.checkpoint import check_surgery_tensors, load_checkpoint
+from surgeon.train.distributed import NullMetricsLog, World, broadcast_object, init_world, shutdown
 from surgeon.train.loggers import attach, check_loggers
 from surgeon.train.provenance import environment
 from surgeon.train.trainer import Trainer, TrainingInterrupted, resolve_device, write_summary
@@ -158,21 +165,70 @@ def apply_recipe(recipe_ref: str | None, *, model: str | None = None, data: str 
         raise UserError(f"--out {out} and --resume {resume} name different run directories",
                         hint="--resume continues the run in its own directory; drop --out")
     t_setup = time.perf_counter()
-    with _warnings_to(console):
-        recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
-        check_loggers(recipe)  # a missing optional logger fails here, before a run directory exists
-        paths = RunPaths(Path(resume) if resume else Path(out) if out else default_run_dir(recipe))
-        created = not paths.root.exists()
-        writable_dir(paths.root, "run directory")  # before anything trains: read-only, below a file, /proc...
-        run = _Run(paths, resume=bool(resume), created=created)
+    world = World()
+    try:
+        with _warnings_to(console):
+            recipe, splits = prepare(recipe_ref, model=model, data=data, overrides=overrides, resume=resume)
+            world, device = init_world(resolve_device(recipe.train.device))
+            if not world.is_main:  # rank 0 speaks for the run
+                console = Console(stderr=True, quiet=True)
+            with _warnings_to(console):
+                return _apply(recipe, splits, world, device, out=out, resume=resume, console=console,
+                              on_validate=on_validate, t_setup=t_setup)
+    finally:
+        shutdown(world)
+
+
+def _on_main(world: World, action):
+    """``action()`` on rank 0, its result (or its user error) on every rank."""
+    result = error = None
+    if world.is_main:
         try:
-            with RunLock(paths.root, "surgeon apply" + (" --resume" if resume else "")):
-                run.start(recipe, console)
-                _train(run, recipe, splits, console, on_validate, t_setup)
+            result = action()
+        except UserError as exc:
+            error = exc
+    failed = broadcast_object(str(error) if error is not None else None, world)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise UserError(f"rank 0 stopped: {failed}")
+    return broadcast_object(result, world)
+
+
+def _choose_run_directory(recipe, out: str | None, resume: str | None) -> tuple[Path, bool]:
+    """The run directory (made, and proven writable, before anything trains: read-only, below a
+    file, /proc... are refused) and whether this call created it (rank 0)."""
+    root = Path(resume) if resume else Path(out) if out else default_run_dir(recipe)
+    created = not root.exists()
+    writable_dir(root, "run directory")
+    return root, created
+
+
+def _take(lock) -> None:
+    """Enter ``lock`` (a :class:`RunLock` on rank 0, a ``nullcontext`` elsewhere)."""
+    lock.__enter__()
+
+
+def _apply(recipe, splits, world: World, device, *, out, resume, console: Console, on_validate,
+           t_setup: float) -> Path:
+    """Steps 5-7 of :func:`apply_recipe` in this process (one of ``world``)."""
+    check_loggers(recipe)  # a missing optional logger fails here, before a run directory exists
+    root, created = _on_main(world, lambda: _choose_run_directory(recipe, out, resume))
+    paths = RunPaths(root)
+    run = _Run(paths, resume=bool(resume), created=created, world=world)
+    lock = RunLock(paths.root, "surgeon apply" + (" --resume" if resume else "")) if world.is_main else nullcontext()
+    try:
+        _on_main(world, lambda: _take(lock))  # a run in use is refused on every rank
+        try:
+            _on_main(world, lambda: run.start(recipe, console))
+            _train(run, recipe, splits, world, device, console, on_validate, t_setup)
+            if world.is_main:
                 _report(paths, console)
-        except BaseException as exc:
-            run.failed(exc, console)
-            raise
+        finally:
+            lock.__exit__(None, None, None)
+    except BaseException as exc:
+        run.failed(exc, console)
+        raise
     return paths.root
 
 
@@ -180,8 +236,9 @@ class _Run:
     """What one ``apply`` did to its run directory, to clean up after a failed start and to say
     how to resume after an interrupt."""
 
-    def __init__(self, paths: RunPaths, *, resume: bool, created: bool):
+    def __init__(self, paths: RunPaths, *, resume: bool, created: bool, world: World | None = None):
         self.paths, self.resume, self.created = paths, resume, created
+        self.world = world or World()
         self.trainer: Trainer | None = None
         self.wrote = False       # this process wrote RUN/recipe.yaml (a new or taken-over run)
         self.trained = False     # training is complete (finish, merge and report remain)
@@ -212,6 +269,8 @@ class _Run:
     def failed(self, exc: BaseException, console: Console) -> None:
         """After an error or interrupt: remove a new run that never trained, say what is left,
         and turn an interrupt into :class:`Interrupted` (the line saying how to resume)."""
+        if not self.world.is_main:
+            return  # rank 0 cleans up and speaks; the others end with the same exception
         paths, root, t = self.paths, self.paths.root, self.trainer
         removed = ((self.wrote or self.created) and not self.resume and self.untouched()
                    and _remove_unstarted(paths, self.created))
@@ -257,29 +316,35 @@ def _remove_unstarted(paths: RunPaths, created: bool) -> bool:
         return False
 
 
-def _train(run: _Run, recipe, splits, console: Console, on_validate, t_setup: float) -> None:
+def _resume_state(recipe, paths: RunPaths, resume: bool, splits, net) -> dict | None:
+    """The checkpoint to continue from (rank 0 reads it), or None; refused when the recipe or the
+    data changed since it was written, or when the saved best state does not fit the model."""
+    if not (resume and paths.last.is_file()):
+        return None
+    state = load_checkpoint(paths.last)
+    _same_recipe_or_fail(state["recipe"], recipe.to_dict(), str(paths.last))
+    changes = data_changes(state.get("data"), splits.fingerprint)
+    if changes:
+        raise UserError(f"cannot resume: the data changed since the checkpoint ({'; '.join(changes)})",
+                        where=str(paths.last),
+                        hint="resume with the data the run was trained on, or start a new run (without --resume): "
+                             "the schedule and the best state were chosen for the old data")
+    if paths.best.is_file():
+        check_surgery_tensors(paths.best, surgery_state(net))
+    return state
+
+
+def _train(run: _Run, recipe, splits, world: World, device, console: Console, on_validate, t_setup: float) -> None:
     """Steps 6-7 under the run's lock: build, (resume,) train, test, summarise, merge."""
     paths = run.paths
-    device = resolve_device(recipe.train.device)
     seed_everything(recipe.train.seed)  # the head's initialisation
     net = build_checked_model(recipe, num_classes=splits.num_classes, device=device, check_sizes=False)
     _finite_or_fail(net, recipe)
-    state = None
-    if run.resume and paths.last.is_file():
-        state = load_checkpoint(paths.last)
-        _same_recipe_or_fail(state["recipe"], recipe.to_dict(), str(paths.last))
-        changes = data_changes(state.get("data"), splits.fingerprint)
-        if changes:
-            raise UserError(f"cannot resume: the data changed since the checkpoint ({'; '.join(changes)})",
-                            where=str(paths.last),
-                            hint="resume with the data the run was trained on, or start a new run (without --resume): "
-                                 "the schedule and the best state were chosen for the old data")
-        if paths.best.is_file():
-            check_surgery_tensors(paths.best, surgery_state(net))
-    log = MetricsLog(paths.metrics)
+    state = _on_main(world, lambda: _resume_state(recipe, paths, run.resume, splits, net))
+    log = MetricsLog(paths.metrics) if world.is_main else NullMetricsLog()
     try:
         trainer = run.trainer = Trainer(recipe, net, splits, paths, log, device=device, progress_console=console,
-                                        on_validate=on_validate)
+                                        on_validate=on_validate, world=world)
         if state is not None:
             trainer.load_checkpoint(state)
             console.print(f"resuming at step {trainer.step} of {trainer.budget.total_steps} "
@@ -288,8 +353,9 @@ def _train(run: _Run, recipe, splits, console: Console, on_validate, t_setup: fl
             log.truncate(0)  # died before its first checkpoint: start over in the same folder
             console.print("no checkpoint yet: starting the run from the beginning", markup=False)
         # After the cut-back above: summary.csv is rebuilt from what metrics.jsonl still holds.
-        attach(log, recipe, paths, resumed_step=trainer.step if run.resume else None)
-        env = environment(device, recipe.source)
+        if world.is_main:
+            attach(log, recipe, paths, resumed_step=trainer.step if run.resume else None)
+        env = environment(device, recipe.source, world=world.to_dict())
         plan = net.surgeon_plan
         log.log("start", time=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), recipe=recipe.name,
                 model=recipe.model.name, data=splits.source, num_classes=splits.num_classes,
@@ -316,6 +382,8 @@ def _train(run: _Run, recipe, splits, console: Console, on_validate, t_setup: fl
         trainer.train()
         run.trained = True
         summary = trainer.finish()
+        if not world.is_main:
+            return  # rank 0 writes the rest
         summary["timings"] = {"setup_seconds": setup_seconds, "train_seconds": summary["train_seconds"]}
         summary["environment"] = env
         write_summary(paths, summary)

@@ -10,6 +10,7 @@ their function, which is why most imports below are local.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -237,24 +238,43 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
           model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. imagefolder:PATH."),
           out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<model>-<data>-<time>)."),
-          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory.")):
+          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N processes of this machine (one per GPU; gloo "
+                                                             "on CPU) through torchrun; train.batch_size stays the "
+                                                             "global batch. Several machines: run torchrun yourself.")):
     """Train: surgery + training + merge + report. Prints the run directory last.
 
     Ctrl-C finishes the step under way, saves a checkpoint and prints how to resume (exit 130); a
     second Ctrl-C stops at once (the last checkpoint stays intact).
     """
+    if nproc > 1:
+        if os.environ.get("WORLD_SIZE"):
+            raise UserError("--nproc inside a torchrun launch", hint="torchrun already starts the processes: drop --nproc")
+        from surgeon.train.distributed import launch_local
+
+        argv = ["apply", *([recipe] if recipe else []), *(["--model", model] if model else []),
+                *[a for value in (set_ or []) for a in ("--set", value)], *(["--data", data] if data else []),
+                *(["--out", out_dir] if out_dir else []), *(["--resume", resume] if resume else [])]
+        code = launch_local(nproc, argv)
+        if code:
+            sys.exit(code)
+        return
     from surgeon.apply import Interrupted, apply_recipe
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone speaks for the run
     try:
         run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume,
                                console=err)
     except Interrupted as exc:
-        err.print(exc.line, markup=False)
+        if main_rank:
+            err.print(exc.line, markup=False)
         raise typer.Exit(130)
     except KeyboardInterrupt:
-        err.print("interrupted before a run directory was created: nothing was written", markup=False)
+        if main_rank:
+            err.print("interrupted before a run directory was created: nothing was written", markup=False)
         raise typer.Exit(130)
-    out.print(str(run_dir), markup=False)
+    if main_rank:
+        out.print(str(run_dir), markup=False)
 
 
 @app.command("merge")

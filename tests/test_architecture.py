@@ -27,7 +27,7 @@ LAYERS = [
     ("report", ["surgeon.report", "surgeon.report.*"]),
     ("apply", ["surgeon.apply"]),
     ("suite and sweep", ["surgeon.sweep", "surgeon.sweep.*", "surgeon.suite", "surgeon.suite_runner", "surgeon.demo"]),
-    ("cli", ["surgeon.cli", "surgeon"]),
+    ("cli", ["surgeon.cli", "surgeon", "surgeon.__main__"]),
 ]
 
 #: Modules whose function-local imports are their design, said in their docstring.

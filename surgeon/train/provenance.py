@@ -70,7 +70,27 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, recipe_source: str | None) -> dict:
+def numerics() -> dict:
+    """The process-wide settings that change CUDA/CPU numerics (recorded, never changed here).
+
+    Returns:
+        ``{"cudnn_enabled", "cudnn_benchmark", "cudnn_deterministic": torch.backends.cudnn flags;
+        "cudnn_allow_tf32", "matmul_allow_tf32": whether TF32 may replace fp32 in convolutions /
+        matrix products on Ampere and later GPUs; "float32_matmul_precision": torch's
+        ``highest`` | ``high`` | ``medium``; "deterministic_algorithms"}``.
+    """
+    return {
+        "cudnn_enabled": bool(torch.backends.cudnn.enabled),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+    }
+
+
+def environment(device: torch.device, recipe_source: str | None, world: dict | None = None) -> dict:
     """What a run needs to be reproduced: versions, the command line, the recipe's commit, device.
 
     Args:
@@ -83,7 +103,8 @@ def environment(device: torch.device, recipe_source: str | None) -> dict:
         "command": the exact command line of the process (``sys.orig_argv``, shell-quoted);
         "cwd"; "recipe": {"path", "git": :func:`git_state` or None}; "device", "device_name",
         "cuda" (CUDA version or None); "threads": torch's intra-op threads; "cpus": logical
-        CPUs}``.
+        CPUs; "numerics": :func:`numerics`; "distributed": ``world`` (``{"world_size",
+        "backend"}`` of a torchrun launch; one process when not given)}``.
     """
     recipe = None
     if recipe_source and recipe_source != "<dict>":
@@ -105,4 +126,6 @@ def environment(device: torch.device, recipe_source: str | None) -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "numerics": numerics(),
+        "distributed": world or {"world_size": 1, "backend": None},
     }
