@@ -72,7 +72,7 @@ from surgeon.weights import pretrained_kwargs
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during ``surgeon apply``; the message is the one line to print (how to resume).
+    """Ctrl-C during ``surgeon apply``; ``line`` (already printed on the console) says how to resume.
 
     Attributes:
         run_dir: the run directory (None if it was removed: nothing was trained).
@@ -270,6 +270,8 @@ class _Run:
         """After an error or interrupt: remove a new run that never trained, say what is left,
         and turn an interrupt into :class:`Interrupted` (the line saying how to resume)."""
         if not self.world.is_main:
+            if isinstance(exc, TrainingInterrupted):
+                broadcast_object(None, self.world)  # wait for rank 0's checkpoint and line (see below)
             return  # rank 0 cleans up and speaks; the others end with the same exception
         paths, root, t = self.paths, self.paths.root, self.trainer
         removed = ((self.wrote or self.created) and not self.resume and self.untouched()
@@ -294,6 +296,11 @@ class _Run:
             line = f"interrupted at step {t.step}: resume with `{resume}` ({since})"
         else:
             line = f"interrupted before training started: resume with `{resume}`"
+        console.print(line, markup=False)
+        if isinstance(exc, TrainingInterrupted):
+            # The ranks stopped after the same step; the others exit once this one has written
+            # its checkpoint and said how to resume (torchrun ends the rest when one exits).
+            broadcast_object(None, self.world)
         raise Interrupted(line, None if removed else root) from None
 
 

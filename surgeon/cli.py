@@ -265,9 +265,7 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
     try:
         run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume,
                                console=err)
-    except Interrupted as exc:
-        if main_rank:
-            err.print(exc.line, markup=False)
+    except Interrupted:  # its line (how to resume) is printed
         raise typer.Exit(130)
     except KeyboardInterrupt:
         if main_rank:

@@ -963,3 +963,24 @@ def test_an_op_the_meta_device_cannot_run_is_not_blamed_on_the_image_size():
 
     with pytest.raises(UserError, match="cannot take the data's 8x8 images"):
         check_input_size(TooSmall(), (3, 8, 8), "data.image_size")
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_nproc_2_stops_every_rank_with_one_checkpoint(img, tmp_path):
+    """`apply --nproc 2`: torch's launcher passes the SIGINT to the ranks (their own sessions);
+    they stop after the same step, rank 0 writes the checkpoint and the resume line, exit 130
+    (not the launcher's SignalException traceback)."""
+    from surgeon.train.checkpoint import load_checkpoint
+
+    recipe, run = _long_recipe(tmp_path, img, checkpoint_every=1000), tmp_path / "run"
+    cli = _Cli("apply", recipe, "--out", run, "--nproc", "2")
+    cli.wait_for("step 1/", timeout=240)
+    cli.ctrl_c()
+    assert cli.finish() == 130, "".join(cli.err)
+    text = "".join(cli.err)
+    assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+    match = re.fullmatch(rf"interrupted at step (\d+) of 6000, checkpoint saved: resume with "
+                         rf"`surgeon apply --resume {re.escape(str(run))}`", cli.err[-1].strip())
+    assert match, cli.err[-3:]
+    assert text.count("interrupted at step") == 1  # rank 0 alone speaks
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == int(match.group(1))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -197,10 +198,16 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``python -m surgeon ARGV`` on ``nproc`` processes of this machine through torch's own
     launcher (``torch.distributed.run``, i.e. ``torchrun --standalone --nproc-per-node nproc``).
 
+    Ctrl-C: torch's launcher passes the SIGINT on to the ranks (each runs in its own session) and
+    waits for them; they stop as one process does (checkpoint, the resume line, exit 130), and
+    this returns 130 instead of the launcher's traceback.
+
     Returns:
-        the exit code: 0, 2 when a rank stopped on a user error (the ranks printed it), else 1.
+        the exit code: 0, 130 when interrupted, 2 when a rank stopped on a user error (the ranks
+        printed it), else 1.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # the launcher's own types
+    from torch.distributed.elastic.multiprocessing import SignalException  # the launcher's own types
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={int(nproc)}", "-m", "surgeon", *argv])
@@ -208,5 +215,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         run(args)
     except ChildFailedError as exc:
         codes = [failure.exitcode for failure in exc.failures.values()]
-        return 2 if 2 in codes else 1
+        return 130 if 130 in codes else 2 if 2 in codes else 1
+    except SignalException as exc:
+        return 130 if exc.sigval == signal.SIGINT else 128 + int(exc.sigval)
     return 0
