@@ -417,9 +417,11 @@ def _train(run: _Run, recipe, splits, world: World, device, console: Console, on
 
 def _finite_or_fail(model, recipe) -> None:
     """A model with NaN/inf weights before training (a corrupt weights file) is refused here,
-    not reported later as a diverged run."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    not reported later as a diverged run. Buffers may hold -inf (attention masks): only NaN is
+    refused there."""
+    for name, t, ok in [*((n, t, torch.isfinite) for n, t in model.named_parameters()),
+                        *((n, t, lambda x: ~torch.isnan(x)) for n, t in model.named_buffers())]:
+        if t.is_floating_point() and not bool(ok(t).all()):
             raise UserError(f"the model has non-finite (NaN or infinite) values before training: {name}",
                             where=recipe.where(("model", "pretrained")),
                             hint="the pretrained weights hold NaN/inf values: use an intact weights file")

@@ -984,3 +984,20 @@ def test_ctrl_c_under_nproc_2_stops_every_rank_with_one_checkpoint(img, tmp_path
     assert match, cli.err[-3:]
     assert text.count("interrupted at step") == 1  # rank 0 alone speaks
     assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == int(match.group(1))
+
+
+def test_weights_with_nan_are_refused_before_training(tmp_path, write, cli):
+    """A weights file holding NaN is refused before the first step (it would pass for a run that
+    diverged), and the run directory it started is removed: nothing was trained."""
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["blocks.1.attn.qkv.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    recipe = write("r.yaml", TINY.replace("pretrained: false", f"pretrained: {tmp_path / 'w.safetensors'}"))
+    res = cli("apply", recipe, "--out", tmp_path / "run")
+    assert res.code == 2, res
+    assert "non-finite (NaN or infinite) values before training: blocks.1.attn.qkv.weight" in res.err
+    assert "r.yaml:4" in res.err and not (tmp_path / "run").exists()
