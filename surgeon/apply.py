@@ -217,18 +217,17 @@ def _apply(recipe, splits, world: World, device, *, out, resume, console: Consol
     paths = RunPaths(root)
     run = _Run(paths, resume=bool(resume), created=created, world=world)
     lock = RunLock(paths.root, "surgeon apply" + (" --resume" if resume else "")) if world.is_main else nullcontext()
+    _on_main(world, lambda: _take(lock))  # a run in use is refused on every rank (and left alone)
     try:
-        _on_main(world, lambda: _take(lock))  # a run in use is refused on every rank
-        try:
-            _on_main(world, lambda: run.start(recipe, console))
-            _train(run, recipe, splits, world, device, console, on_validate, t_setup)
-            if world.is_main:
-                _report(paths, console)
-        finally:
-            lock.__exit__(None, None, None)
+        _on_main(world, lambda: run.start(recipe, console))
+        _train(run, recipe, splits, world, device, console, on_validate, t_setup)
+        if world.is_main:
+            _report(paths, console)
     except BaseException as exc:
-        run.failed(exc, console)
+        run.failed(exc, console)  # still under the lock: no other process writes to the run now
         raise
+    finally:
+        lock.__exit__(None, None, None)
     return paths.root
 
 

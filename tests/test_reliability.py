@@ -1001,3 +1001,20 @@ def test_weights_with_nan_are_refused_before_training(tmp_path, write, cli):
     assert res.code == 2, res
     assert "non-finite (NaN or infinite) values before training: blocks.1.attn.qkv.weight" in res.err
     assert "r.yaml:4" in res.err and not (tmp_path / "run").exists()
+
+
+def test_a_refused_apply_never_touches_the_run_of_the_lock_holder(tmp_path, write, cli, holder, monkeypatch):
+    """Two `apply --out SAME` racing: the one refused by the lock must not clean up what it takes
+    for its own unstarted run (here it believes it created the folder, as the loser of a race on
+    `mkdir` does): the files are the holder's."""
+    import surgeon.apply as ap
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(write("r.yaml", TINY).read_text())
+    (run / "metrics.jsonl").write_text('{"event": "start"}\n')
+    proc = holder(run)
+    monkeypatch.setattr(ap, "_choose_run_directory", lambda recipe, out, resume: (run, True))
+    res = cli("apply", write("r.yaml", TINY), "--out", run)
+    assert res.code == 2 and f"process {proc.pid}" in res.err
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl", "recipe.yaml"]
