@@ -32,7 +32,7 @@ POLL_S = 1.0
 
 def cuda_device_count() -> int:
     """CUDA devices this process sees (0 without CUDA). Tests replace this function."""
-    import torch
+    import torch  # deferred: the spawned workers and `--help` need no torch (seconds)
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
