@@ -31,6 +31,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Override model.name (any timm model).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: a.b=VALUE (YAML-typed) or ~a.b to remove it.")
+GpusOpt = typer.Option(None, "--gpus", metavar="0,1,2,3",
+                       help="One worker process per listed GPU, each seeing only its GPU (CUDA_VISIBLE_DEVICES); "
+                            "indices count the GPUs this process sees. Replaces --workers.")
 
 
 def _print_version(value: bool) -> None:
@@ -391,14 +394,16 @@ def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in 
           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default runs/suites/NAME)."),
           report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells."),
           workers: int = typer.Option(1, "--workers", "-w",
-                                      help="Worker processes for each sweep of a `sweep:` section.")):
+                                      help="Worker processes for each sweep of a `sweep:` section."),
+          gpus: Optional[str] = GpusOpt):
     """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report.
-    With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`)."""
+    With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`).
+    `--gpus 0,1,2,3` trains four cells at a time, one per GPU (sweeps first, on the same GPUs)."""
     from surgeon.resources import builtin_suite
     from surgeon.suite_runner import run_suite
 
     md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only,
-                   workers=workers)
+                   workers=workers, gpus=gpus)
     out.print(md.read_text(), markup=False)
     out.print(str(md), markup=False)
 
@@ -417,6 +422,7 @@ def sweep(recipe: str = typer.Argument(..., help="Recipe file or built-in name."
           seeds: Optional[str] = typer.Option(None, "--seeds",
                                               help="Seeds of the final runs, e.g. 0,1,2 (default: the recipe's train.seed)."),
           workers: int = typer.Option(1, "--workers", "-w", help="Worker processes on this machine (they share the storage)."),
+          gpus: Optional[str] = GpusOpt,
           storage: Optional[str] = typer.Option(None, "--storage",
                                                 help="Optuna storage: a journal file (default OUT/study.journal) or a URL "
                                                      "(postgresql://..., mysql://..., redis://...) shared by several machines."),
@@ -434,7 +440,7 @@ def sweep(recipe: str = typer.Argument(..., help="Recipe file or built-in name."
 
     result = run_sweep(recipe, grid=grid or [], data=data, model=model, overrides=set_ or [], sampler=sampler,
                        trials=trials, seeds=seeds, workers=workers, storage=storage, study=study, prune=prune,
-                       extend_edges=extend_edges, out=out_dir, console=err)
+                       extend_edges=extend_edges, out=out_dir, console=err, gpus=gpus)
     out.print(summary_text(result), markup=False)
 
 

@@ -26,7 +26,8 @@ LAYERS = [
     ("evaluate", ["surgeon.evaluate"]),
     ("report", ["surgeon.report", "surgeon.report.*"]),
     ("apply", ["surgeon.apply"]),
-    ("suite and sweep", ["surgeon.sweep", "surgeon.sweep.*", "surgeon.suite", "surgeon.suite_runner", "surgeon.demo"]),
+    ("suite and sweep", ["surgeon.sweep", "surgeon.sweep.*", "surgeon.suite", "surgeon.suite_runner", "surgeon.demo",
+                         "surgeon.gpus"]),
     ("cli", ["surgeon.cli", "surgeon", "surgeon.__main__"]),
 ]
 

@@ -102,7 +102,8 @@ def environment(device: torch.device, recipe_source: str | None, world: dict | N
         ``{"surgeon", "torch", "timm", "torchvision", "numpy", "python": versions; "platform";
         "command": the exact command line of the process (``sys.orig_argv``, shell-quoted);
         "cwd"; "recipe": {"path", "git": :func:`git_state` or None}; "device", "device_name",
-        "cuda" (CUDA version or None); "threads": torch's intra-op threads; "cpus": logical
+        "cuda" (CUDA version or None); "cuda_visible_devices": the environment variable (the GPU
+        a ``--gpus`` worker was given), None when unset; "threads": torch's intra-op threads; "cpus": logical
         CPUs; "numerics": :func:`numerics`; "distributed": ``world`` (``{"world_size",
         "backend"}`` of a torchrun launch; one process when not given)}``.
     """
@@ -124,6 +125,7 @@ def environment(device: torch.device, recipe_source: str | None, world: dict | N
         "device": str(device),
         "device_name": name,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "numerics": numerics(),
