@@ -34,7 +34,7 @@ test-latest:
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(TORCH)
-	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(timm|typer|click|rich|jsonschema|pyyaml|safetensors|numpy|pillow|matplotlib|scikit-learn|pytest)=='
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(timm|typer|click|rich|jsonschema|pyyaml|safetensors|numpy|pillow|matplotlib|scikit-learn|pytest|optuna|tensorboard)=='
 	.venv-latest/bin/python -m pytest -q
 
 # Exactly the lower bounds of pyproject.toml (.ci/oldest-constraints.txt): they are tested, not guessed.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from surgeon.resources import VERSION as __version__
 
 from surgeon.errors import RecipeError, UserError
 from surgeon.recipe import Recipe, load_recipe

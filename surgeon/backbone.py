@@ -72,6 +72,9 @@ def create_backbone(model_cfg: ModelConfig, *, num_classes: int | None = None, w
     except TypeError as exc:
         raise UserError(f"timm.create_model('{name}') rejected model.kwargs: {exc}",
                         hint="check model.kwargs against the model's constructor arguments") from None
+    except ArithmeticError as exc:  # e.g. patch_size: 0, whatever the weights
+        raise UserError(f"timm.create_model('{name}', **{kwargs}) failed: {type(exc).__name__}: {exc}",
+                        hint="check model.kwargs (sizes must be positive; img_size divisible by patch_size)") from None
     except (AssertionError, ValueError, RuntimeError) as exc:
         if pretrained is not False:
             raise

@@ -10,16 +10,18 @@ their function, which is why most imports below are local.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from surgeon.errors import REPORT_REQUEST, RecipeError, UserError
+from surgeon.errors import REPORT_REQUEST, RecipeError, SurgeonWarning, UserError
 from surgeon.methods.modes import INFERENCE_MODES, MERGE_MODES
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,6 +31,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Override model.name (any timm model).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: a.b=VALUE (YAML-typed) or ~a.b to remove it.")
+GpusOpt = typer.Option(None, "--gpus", metavar="0,1,2,3",
+                       help="One worker process per listed GPU, each seeing only its GPU (CUDA_VISIBLE_DEVICES); "
+                            "indices count the GPUs this process sees. Replaces --workers.")
 
 
 def _print_version(value: bool) -> None:
@@ -43,6 +48,17 @@ def _print_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")):
     """Declarative parameter-efficient surgery for timm backbones."""
+
+
+@contextmanager
+def _quiet():
+    """Silence the library's warnings (a shapes-only build warns that it has no weights), but show
+    each :class:`SurgeonWarning` about the user's input as one ``warning:`` line."""
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", SurgeonWarning)
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}", markup=False)
+        yield
 
 
 def _load(recipe: str, model: Optional[str], overrides: Optional[List[str]], data: Optional[str] = None):
@@ -66,8 +82,7 @@ def validate(recipes: List[str] = typer.Argument(..., help="Recipe files (or bui
             if not schema_only:
                 from surgeon.model import build_model  # torch + timm: only past the schema
 
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _quiet():
                     build_model(recipe, weights=False, device="meta")
         except UserError as exc:
             bad += 1
@@ -120,15 +135,14 @@ def plan(recipe: str = typer.Argument(..., help="Recipe file or built-in name.")
         if data is not None:
             from surgeon.data.sources import source_classes
 
-            names = source_classes(r.data, seed=r.data.seed)
+            names = source_classes(r.data, seed=r.data.seed, num_classes=r.model.num_classes)
             given = r.model.num_classes
             if given is not None and given != len(names):
                 raise UserError(f"model.num_classes is {given} but the data has {len(names)} classes",
                                 where=r.where(("model", "num_classes")),
                                 hint="remove model.num_classes (it defaults to the data's class count) or fix the data")
             num_classes = len(names)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             m = build_model(r, weights=False, device="meta", num_classes=num_classes)
     except UserError as exc:
         if not as_json:
@@ -227,19 +241,49 @@ def apply(recipe: Optional[str] = typer.Argument(None, help="Recipe file or buil
           model: Optional[str] = ModelOpt, set_: Optional[List[str]] = SetOpt,
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Override data.source, e.g. imagefolder:PATH."),
           out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<model>-<data>-<time>)."),
-          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory.")):
-    """Train: surgery + training + merge + report. Prints the run directory last."""
-    from surgeon.apply import apply_recipe
+          resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N processes of this machine (one per GPU; gloo "
+                                                             "on CPU) through torchrun; train.batch_size stays the "
+                                                             "global batch. Several machines: run torchrun yourself.")):
+    """Train: surgery + training + merge + report. Prints the run directory last.
 
-    run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume, console=err)
-    out.print(str(run_dir), markup=False)
+    Ctrl-C finishes the step under way, saves a checkpoint and prints how to resume (exit 130); a
+    second Ctrl-C stops at once (the last checkpoint stays intact).
+    """
+    if nproc > 1:
+        if os.environ.get("WORLD_SIZE"):
+            raise UserError("--nproc inside a torchrun launch", hint="torchrun already starts the processes: drop --nproc")
+        from surgeon.train.distributed import launch_local
+
+        argv = ["apply", *([recipe] if recipe else []), *(["--model", model] if model else []),
+                *[a for value in (set_ or []) for a in ("--set", value)], *(["--data", data] if data else []),
+                *(["--out", out_dir] if out_dir else []), *(["--resume", resume] if resume else [])]
+        code = launch_local(nproc, argv)
+        if code:
+            sys.exit(code)
+        return
+    from surgeon.apply import Interrupted, apply_recipe
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone speaks for the run
+    try:
+        run_dir = apply_recipe(recipe, model=model, data=data, overrides=set_, out=out_dir, resume=resume,
+                               console=err)
+    except Interrupted:  # its line (how to resume) is printed
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        if main_rank:
+            err.print("interrupted before a run directory was created: nothing was written", markup=False)
+        raise typer.Exit(130)
+    if main_rank:
+        out.print(str(run_dir), markup=False)
 
 
 @app.command("merge")
 def merge_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
               mode: Optional[str] = typer.Option(None, "--mode", help=f"{' | '.join(MERGE_MODES)} (default: the recipe's "
                                                                       "eval.merge_mode).")):
-    """Merge a run into RUN/merged/ and record the merged-vs-unmerged output difference."""
+    """Merge a run and record the merged-vs-unmerged output difference: RUN/merged/ for the
+    recipe's eval.merge_mode (the run's figures), RUN/merged-<mode>/ for another mode."""
     from surgeon.merge_run import merge_run
 
     info = merge_run(run_dir, mode=mode)
@@ -252,21 +296,30 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory."),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="Evaluate on this data source instead."),
              inference: Optional[str] = typer.Option(None, "--inference", help=f"{' | '.join(INFERENCE_MODES)}."),
              split: Optional[str] = typer.Option(None, "--split", help="test | val | train (default test, else val)."),
+             merge_mode: Optional[str] = typer.Option(None, "--merge-mode", help=f"{' | '.join(MERGE_MODES)}: how merge "
+                                                      "inference merges experts (default: the recipe's eval.merge_mode)."),
              per_class: bool = typer.Option(False, "--per-class", help="Also print top-1 per class."),
+             allow_class_mismatch: bool = typer.Option(
+                 False, "--allow-class-mismatch",
+                 help="Score --data whose class names differ from the run's (labels matched by index)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
-    """Top-1 of a trained run (merged model by default)."""
+    """Top-1 of a trained run (merged model by default). Data with other class names than the
+    run's is refused unless --allow-class-mismatch; a diverged run (non-finite weights) has no score (exit 2)."""
     from surgeon.evaluate import eval_run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split)
+        res, split_name, info = eval_run(run_dir, data=data, mode=inference, split=split, merge_mode=merge_mode,
+                                         allow_class_mismatch=allow_class_mismatch)
+    merged_by = info["merge_mode"] if res.inference == "merge" else None
     if as_json:
         payload = {"run": str(run_dir), "split": split_name, "source": info["source"], "inference": res.inference,
-                   "top1": res.top1, "loss": res.loss, "n": res.n, "per_class": res.per_class}
+                   "merge_mode": merged_by, "top1": res.top1, "loss": res.loss, "n": res.n, "per_class": res.per_class}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
+    how = f"{res.inference} inference" + (f", {merged_by} merge" if merged_by else "")
     out.print(f"{info['recipe']} on {info['model']}, {split_name} of {info['source']} ({res.n} images, "
-              f"{res.inference} inference): top-1 {res.top1:.2f}%  loss {res.loss:.4f}", markup=False)
+              f"{how}): top-1 {res.top1:.2f}%  loss {res.loss:.4f}", markup=False)
     if per_class:
         from rich.table import Table
 
@@ -314,12 +367,19 @@ def report(runs: List[Path] = typer.Argument(..., metavar="RUN_DIR...",
            out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
                                                   help="Where a comparison goes (default: the runs' common "
                                                        "parent's comparison/).")):
-    """One run: write RUN/report.md and report.html. Several (or --out): one comparison (md, html, csv, plot)."""
+    """One run: write RUN/report.md and report.html. Several (or --out): one comparison (md, html, csv, plot).
+
+    A run that another process is writing to (training, merging) is refused: report it when it is done.
+    """
     from surgeon import report as rp
+    from surgeon.io import writable_dir
+    from surgeon.rundir import RunLock
 
     dirs = rp.expand_run_dirs(runs)
     if len(dirs) == 1 and out_dir is None:
-        out.print(str(rp.write_report(dirs[0])))
+        writable_dir(dirs[0], "report (in the run directory)")
+        with RunLock(dirs[0], "surgeon report"):
+            out.print(str(rp.write_report(dirs[0])))
         return
     results = rp.collect_runs(dirs)
     path = rp.write_comparison(results, out_dir if out_dir is not None else rp.default_out_dir(dirs))
@@ -334,14 +394,16 @@ def suite(suite_file: str = typer.Argument(..., help="Suite YAML, or a built-in 
           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default runs/suites/NAME)."),
           report_only: bool = typer.Option(False, "--report-only", help="Only rewrite the report from finished cells."),
           workers: int = typer.Option(1, "--workers", "-w",
-                                      help="Worker processes for each sweep of a `sweep:` section.")):
+                                      help="Worker processes for each sweep of a `sweep:` section."),
+          gpus: Optional[str] = GpusOpt):
     """Run a grid of recipes × datasets × seeds (resumable) and write one comparison report.
-    With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`)."""
+    With a `sweep:` section, each recipe × dataset is tuned first (see `surgeon sweep`).
+    `--gpus 0,1,2,3` trains four cells at a time, one per GPU (sweeps first, on the same GPUs)."""
     from surgeon.resources import builtin_suite
     from surgeon.suite_runner import run_suite
 
     md = run_suite(builtin_suite(suite_file), overrides=set_ or [], out=out_dir, only_report=report_only,
-                   workers=workers)
+                   workers=workers, gpus=gpus)
     out.print(md.read_text(), markup=False)
     out.print(str(md), markup=False)
 
@@ -360,6 +422,7 @@ def sweep(recipe: str = typer.Argument(..., help="Recipe file or built-in name."
           seeds: Optional[str] = typer.Option(None, "--seeds",
                                               help="Seeds of the final runs, e.g. 0,1,2 (default: the recipe's train.seed)."),
           workers: int = typer.Option(1, "--workers", "-w", help="Worker processes on this machine (they share the storage)."),
+          gpus: Optional[str] = GpusOpt,
           storage: Optional[str] = typer.Option(None, "--storage",
                                                 help="Optuna storage: a journal file (default OUT/study.journal) or a URL "
                                                      "(postgresql://..., mysql://..., redis://...) shared by several machines."),
@@ -377,7 +440,7 @@ def sweep(recipe: str = typer.Argument(..., help="Recipe file or built-in name."
 
     result = run_sweep(recipe, grid=grid or [], data=data, model=model, overrides=set_ or [], sampler=sampler,
                        trials=trials, seeds=seeds, workers=workers, storage=storage, study=study, prune=prune,
-                       extend_edges=extend_edges, out=out_dir, console=err)
+                       extend_edges=extend_edges, out=out_dir, console=err, gpus=gpus)
     out.print(summary_text(result), markup=False)
 
 
@@ -408,6 +471,15 @@ def pretrain_builtin_cmd(
     out.print(str(target), markup=False)
 
 
+def _internal_error(exc: BaseException) -> None:
+    import traceback
+
+    traceback.print_exception(exc)
+    err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input; "
+              f"{REPORT_REQUEST}.")
+    sys.exit(1)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: usage mistakes and user errors exit 2 with a message, bugs exit 1.
 
@@ -425,13 +497,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence
-        import traceback
+    except OSError as exc:
+        from surgeon.io import UNWRITABLE
 
-        traceback.print_exc()
-        err.print(f"[red]internal error[/] ({type(exc).__name__}): this is a bug in surgeon, not in your input; "
-                  f"{REPORT_REQUEST}.")
-        sys.exit(1)
+        if exc.errno not in UNWRITABLE:
+            _internal_error(exc)
+        # A place that cannot be written (read-only, no permission, disk full): the user's to fix.
+        err.print(f"error: {exc.filename or 'a file'}: cannot write: {exc.strerror}", markup=False)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        _internal_error(exc)
     sys.exit(0)
 
 

@@ -35,6 +35,11 @@ class UserError(Exception):
         return text
 
 
+class SurgeonWarning(UserWarning):
+    """A warning about the user's input that must reach them (the CLI shows these even where it
+    silences library warnings): a size that works but is almost certainly not meant."""
+
+
 class RecipeError(UserError):
     """One or more problems in a recipe, all reported at once.
 

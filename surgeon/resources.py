@@ -1,4 +1,4 @@
-"""Where the built-in recipes and the schema live.
+"""Where the built-in recipes and the schema live, and the package's version.
 
 Both live at the repository root (``recipes/``, ``schemas/``) and are reached through the
 symlinks ``surgeon/_recipes`` and ``surgeon/_schemas``, which wheels turn into copies: they
@@ -9,6 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
+
+#: surgeon's version (``surgeon.__version__``; tests/test_cli_usage.py checks it is pyproject.toml's).
+#: Here, in the base layer, so that run records below the package face can name it.
+VERSION = "0.1.0"
 
 
 def recipes_dir() -> Path:

@@ -42,14 +42,17 @@ def check_backbone(model: nn.Module, adapter: Path) -> None:
                              "(the file was replaced, or a random init no longer reproduces with this torch/timm)")
 
 
-def load_run(run_dir, *, merged: bool = True, device: str = "cpu") -> nn.Module:
+def load_run(run_dir, *, merged: bool = True, merge_mode: str | None = None, device: str = "cpu") -> nn.Module:
     """The trained model of a run directory, in eval mode.
 
     Args:
         run_dir: a directory written by ``surgeon apply``.
-        merged: the merged model (``RUN/merged`` if it exists, else merged in memory with the
-            recipe's ``eval.merge_mode``); False gives the model with its surgery layers
-            (experts, masks) as trained, e.g. for stochastic/fixed/ensemble inference.
+        merged: the merged model (the merged folder of ``merge_mode`` if it exists: ``RUN/merged``
+            for the recipe's own, ``RUN/merged-<mode>`` for another; else merged in memory);
+            False gives the model with its surgery layers (experts, masks) as trained, e.g. for
+            stochastic/fixed/ensemble inference.
+        merge_mode: ``average`` | ``jigsaw``; default the recipe's ``eval.merge_mode``. With
+            ``merged=False`` it is the mode the model's ``merge`` inference uses.
         device: where to put it.
 
     Returns:
@@ -62,25 +65,31 @@ def load_run(run_dir, *, merged: bool = True, device: str = "cpu") -> nn.Module:
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
     recipe = load_run_recipe(run_dir)
-    kind = merged_kind(run_dir) if merged else None
+    merge_mode = merge_mode or recipe.eval.merge_mode
+    folder = paths.merged_for(merge_mode, recipe.eval.merge_mode)
+    kind = merged_kind(run_dir, folder) if merged else None
+    remake = f"re-create it with `surgeon merge {run_dir}" + ("`" if folder == paths.merged else f" --mode {merge_mode}`")
+    held = read_json(folder / "surgeon.json").get("merge_mode", "average") if kind is not None else merge_mode
+    if held != merge_mode:
+        # Written by a surgeon that kept one merged folder for every mode: not this mode's merge.
+        raise UserError(f"{folder.name}/ holds a '{held}' merge, not the '{merge_mode}' merge"
+                        + (" the run's figures use" if folder == paths.merged else ""), where=str(folder), hint=remake)
     if kind == "timm":
         try:
-            model = timm.create_model(f"local-dir:{paths.merged}", pretrained=True)
+            model = timm.create_model(f"local-dir:{folder}", pretrained=True)
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"cannot load the merged model: {exc}", where=str(paths.merged),
-                            hint="re-create it with `surgeon merge RUN`") from None
+            raise UserError(f"cannot load the merged model: {exc}", where=str(folder), hint=remake) from None
     elif kind == "dense-adapter":
-        info = read_json(paths.merged / "surgeon.json")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = build_checked_model(recipe, weights=False, probe=False)
-        merge(model, mode=info.get("merge_mode", "average"))
-        tensors = load_tensors(paths.merged / "model.safetensors")
+        merge(model, mode=merge_mode)
+        tensors = load_tensors(folder / "model.safetensors")
         result = model.load_state_dict(tensors, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise UserError(f"the merged checkpoint does not match the recipe's model (missing {result.missing_keys[:3]}, "
-                            f"unexpected {result.unexpected_keys[:3]})", where=str(paths.merged / "model.safetensors"),
-                            hint="re-create it with `surgeon merge RUN`")
+                            f"unexpected {result.unexpected_keys[:3]})", where=str(folder / "model.safetensors"),
+                            hint=remake)
     else:
         model = rebuild_backbone(recipe)
         if paths.adapter.is_file():
@@ -99,9 +108,9 @@ def load_run(run_dir, *, merged: bool = True, device: str = "cpu") -> nn.Module:
         load_surgery_state(model, tensors, where)
         if hasattr(model, "surgeon_sampler"):
             model.surgeon_sampler.mode = "merge"
-            model.surgeon_sampler.merge_mode = recipe.eval.merge_mode
+            model.surgeon_sampler.merge_mode = merge_mode
         if merged:
-            merge(model, mode=recipe.eval.merge_mode)
+            merge(model, mode=merge_mode)
     model.surgeon_recipe = recipe
     model.eval()
     return model.to(device)

@@ -5,7 +5,10 @@ directory (``OUT/<recipe>/<dataset>/seed<k>``) made by :func:`surgeon.apply.appl
 finished cells are skipped and interrupted ones resumed, so re-running a suite continues it.
 At the end one comparison report is written (rows = methods, columns = tasks, mean ± std over
 seeds, Params (M), train time), plus, for the recipes listed in ``inference_ablation``, MoSA's
-inference mechanisms (paper Table 6) evaluated on the finished runs.
+inference mechanisms (paper Table 6) evaluated on the finished runs, and for every pair
+``[A, B]`` in ``orderings`` the paired evidence that A beats B over tasks × seeds (mean
+difference, 95% bootstrap interval, per-task sign: :mod:`surgeon.report.orderings`); ``A`` may
+name an inference mechanism as ``recipe:mode``, e.g. ``[mosa_hier:merge, mosa_hier:stochastic]``.
 
 With a ``sweep:`` section, each recipe × dataset is first tuned by :mod:`surgeon.sweep`
 (``OUT/<recipe>/<dataset>/sweep``, protocol tune, on the suite's ``set``/``recipe_set`` plus the
@@ -58,6 +61,8 @@ SUITE_SCHEMA = {
         "recipe_dataset_set": {"type": "object", "additionalProperties": {
             "type": "object", "additionalProperties": {"type": "object"}}},
         "inference_ablation": {"type": "array", "items": {"type": "string"}},
+        "orderings": {"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                                                 "items": {"type": "string", "minLength": 1}}},
         "out": {"type": "string"},
         "sweep": {
             "type": "object", "additionalProperties": False,

@@ -14,9 +14,12 @@ from rich.console import Console
 from surgeon.apply import apply_recipe
 from surgeon.errors import UserError
 from surgeon.evaluate import eval_run
+from surgeon.gpus import parse_gpus, run_on_gpus
 from surgeon.recipe import load_recipe
 from surgeon.recipe.loader import parse_override
-from surgeon.report import compare_runs
+from surgeon.report import collect_runs, compare_runs
+from surgeon.report.document import Heading
+from surgeon.report.orderings import ordering, orderings_table
 from surgeon.report.tables import Table
 from surgeon.rundir import read_run_recipe
 from surgeon.suite import ABLATION_MODES, Cell, SweepJob, _short, cell_finished, load_suite, suite_cells, suite_sweeps
@@ -24,10 +27,11 @@ from surgeon.sweep import prepare_spec, run_sweep
 from surgeon.sweep.space import config_overrides, value_text
 
 
-def _sweep_kwargs(suite: dict, job: SweepJob, workers: int) -> dict:
+def _sweep_kwargs(suite: dict, job: SweepJob, workers: int, gpus: str | None = None) -> dict:
     section = suite["sweep"]
     return dict(grid=job.grid, overrides=job.overrides, seeds=[], out=job.out,
-                extend_edges=bool(section.get("extend_edges")), prune=bool(section.get("prune")), workers=workers)
+                extend_edges=bool(section.get("extend_edges")), prune=bool(section.get("prune")), workers=workers,
+                gpus=gpus)
 
 
 def _check_sweeps(suite: dict, jobs: dict) -> None:
@@ -61,8 +65,54 @@ def _cell_config_mismatch(cell: Cell, config: dict) -> list[str]:
     return out
 
 
+def train_cell(cell: Cell, log) -> None:
+    """Train (or resume) one cell, its console output going to ``log`` (a ``--gpus`` worker's task)."""
+    resume = cell.run_dir if (cell.run_dir / "recipe.yaml").is_file() else None
+    apply_recipe(cell.recipe, overrides=cell.overrides, out=str(cell.run_dir), resume=str(resume) if resume else None,
+                 console=Console(file=log, highlight=False, soft_wrap=True, width=160))
+
+
+def _train_on_gpus(cells: list[Cell], gpus: list[str], root: Path, console: Console) -> None:
+    """Train ``cells`` on one worker per GPU (each cell once, a free worker takes the next).
+
+    Raises:
+        UserError: after every cell has had its turn, when some failed (their messages and logs).
+    """
+    logs = root / "logs"
+    console.print(f"{len(cells)} cells on GPU {','.join(gpus)} (one worker each); training logs: "
+                  f"{logs}/gpu<id>.log", markup=False)
+    started, finished, cell_seconds = time.perf_counter(), 0, 0.0
+
+    def on_event(kind: str, i: int, gpu: str, info) -> None:
+        nonlocal finished, cell_seconds
+        cell = cells[i]
+        if kind == "start":
+            resuming = (cell.run_dir / "recipe.yaml").is_file()
+            console.print(f"[gpu {gpu}] {cell.label}{' (resuming)' if resuming else ''}", markup=False)
+            return
+        finished += 1
+        if kind == "done":
+            cell_seconds += info
+            left = cell_seconds / finished * (len(cells) - finished) / len(gpus)
+            console.print(f"[{finished}/{len(cells)}] [gpu {gpu}] {cell.label}: done in {info / 60:.1f} min; "
+                          f"{(time.perf_counter() - started) / 60:.1f} min so far, ~{left / 60:.1f} min of cells "
+                          "left", markup=False)
+        else:
+            console.print(f"[{finished}/{len(cells)}] [gpu {gpu}] {cell.label}: FAILED ({info[1]})", markup=False)
+
+    result = run_on_gpus(train_cell, cells, gpus, logs=logs, on_event=on_event)
+    if result.failed:
+        lines = [f"{cells[i].label} (GPU {gpu}, log {logs / f'gpu{gpu}.log'}): {message}"
+                 for i, (gpu, _kind, message) in sorted(result.failed.items())]
+        bug = any(kind == "bug" for _, kind, _ in result.failed.values())
+        raise UserError(f"{len(result.failed)} of {len(cells)} cells failed:\n" + "\n".join(lines),
+                        hint=("an internal error is a bug in surgeon (traceback in the log); " if bug else "")
+                        + "the other cells are kept: run the same command again to retry the failed ones")
+
+
 def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str | Path | None = None,
-              console: Console | None = None, only_report: bool = False, workers: int = 1) -> Path:
+              console: Console | None = None, only_report: bool = False, workers: int = 1,
+              gpus: str | None = None) -> Path:
     """Run (or continue) a suite and write its comparison report.
 
     Args:
@@ -71,6 +121,9 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
         out: output root; default the suite's ``out`` or ``runs/suites/<name>``.
         only_report: do not train, only (re)write the report from the finished cells.
         workers: worker processes for each sweep of a ``sweep:`` section (cells run one at a time).
+        gpus: ``"0,1,2,3"``: one worker per GPU (each sees only its GPU through
+            ``CUDA_VISIBLE_DEVICES``) trains the cells, a free worker taking the next; each sweep
+            runs on the same GPUs first. Not with ``workers`` > 1 (a GPU is a worker).
 
     Returns:
         the path of the comparison markdown.
@@ -84,6 +137,7 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
     # must not surface an hour in.
     for cell in cells:
         load_recipe(cell.recipe, cell.overrides)
+    gpu_values = parse_gpus(gpus, workers=workers) if gpus is not None and not only_report else None
     if jobs and not only_report:
         _check_sweeps(suite, jobs)
     todo = [c for c in cells if not cell_finished(c.run_dir)]
@@ -95,11 +149,12 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
     if not only_report:
         started = time.perf_counter()
         trained, cell_seconds = 0, 0.0
+        on_gpus: list[Cell] = []  # with --gpus: the cells to train, once every sweep has chosen
         for cell in cells:
             job = jobs.get((cell.recipe, cell.dataset))
             if job is not None and (cell.recipe, cell.dataset) not in chosen:
                 console.print(f"sweep {job.label} -> {job.out}", markup=False)
-                result = run_sweep(job.recipe, console=console, **_sweep_kwargs(suite, job, workers))
+                result = run_sweep(job.recipe, console=console, **_sweep_kwargs(suite, job, workers, gpus))
                 chosen[(cell.recipe, cell.dataset)] = result.best_config
                 if result.best is None:
                     console.print(f"warning: no trial of the sweep of {job.label} has a val score (see "
@@ -116,6 +171,9 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
                                   f"now chooses ({'; '.join(mismatch)}); delete {cell.run_dir} to retrain it",
                                   markup=False)
                 continue
+            if gpu_values:
+                on_gpus.append(cell)
+                continue
             trained += 1
             resume = cell.run_dir if (cell.run_dir / "recipe.yaml").is_file() else None
             console.print(f"[{trained}/{len(todo)}] {cell.label}{' (resuming)' if resume else ''}", markup=False)
@@ -127,6 +185,8 @@ def run_suite(path: str | Path, *, overrides: list[str] | None = None, out: str 
             left = cell_seconds / trained * (len(todo) - trained)
             console.print(f"  {elapsed / 60:.1f} min so far, ~{left / 60:.1f} min of cells left"
                           + (" (plus their sweeps)" if jobs else ""), markup=False)
+        if on_gpus:
+            _train_on_gpus(on_gpus, gpu_values, root, console)
     return write_suite_report(suite, cells, root, console, jobs=jobs)
 
 
@@ -170,8 +230,9 @@ def chosen_table(suite: dict, jobs: dict):
 
 
 def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
-    """Top-1 of each inference mechanism on every finished cell of ``recipes`` (cached per run)."""
-    results: dict[tuple[str, str, str], list[float]] = {}
+    """Top-1 of each inference mechanism on every finished cell of ``recipes`` (cached per run):
+    ``(recipe, mode, dataset, seed) -> top-1 (%)``."""
+    results: dict[tuple[str, str, str, int], float] = {}
     for cell in cells:
         if cell.recipe not in recipes or not cell_finished(cell.run_dir):
             continue
@@ -184,7 +245,7 @@ def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
                 console.print(f"  inference {mode:<10} {cell.label}: {res.top1:.1f}% ({split})", markup=False)
         cache.write_text(json.dumps(scores, indent=2))
         for mode in ABLATION_MODES:
-            results.setdefault((cell.recipe, mode, _short(cell.dataset)), []).append(scores[mode])
+            results[(cell.recipe, mode, _short(cell.dataset), cell.seed)] = scores[mode]
     return results
 
 
@@ -203,11 +264,25 @@ def ablation_table(suite: dict, ablation: dict):
                   title="Inference mechanisms (MoSA Table 6): test top-1 (%), mean ± std over seeds")
     for recipe in suite.get("inference_ablation") or []:
         for mode in ABLATION_MODES:
-            cols = [ablation.get((recipe, mode, d), []) for d in datasets]
+            cols = [[v for (r, m, dd, _), v in ablation.items() if (r, m, dd) == (recipe, mode, d)] for d in datasets]
             means = [statistics.mean(c) for c in cols if c]
             table.rows.append([recipe, mode, *(_mean_std(c) for c in cols),
                                f"{statistics.mean(means):.1f}" if len(means) == len(cols) else "—"])
     return table
+
+
+def _ordering_scores(cells: list[Cell], ablation: dict) -> dict[tuple[str, str, int], float]:
+    """``(label, dataset, seed) -> test top-1 (%)`` of the finished cells; a label is a recipe
+    name, or ``recipe:mode`` for an inference mechanism of the ablation (``mosa_hier:stochastic``)."""
+    scores = {}
+    for cell in cells:
+        if cell_finished(cell.run_dir):
+            result = collect_runs([cell.run_dir])[0]
+            if result.top1 is not None and result.metric == "test":
+                scores[(cell.recipe, _short(cell.dataset), cell.seed)] = result.top1
+    for (recipe, mode, dataset, seed), value in ablation.items():
+        scores[(f"{recipe}:{mode}", dataset, seed)] = value
+    return scores
 
 
 def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Console,
@@ -219,6 +294,10 @@ def write_suite_report(suite: dict, cells: list[Cell], root: Path, console: Cons
         raise UserError(f"no finished runs under {root}", hint="run the suite first")
     ablation = _ablation(cells, suite.get("inference_ablation") or [], console)
     extra = [ablation_table(suite, ablation)] if ablation else []
+    if suite.get("orderings"):
+        extra += [Heading("The papers' orderings, paired over tasks × seeds"),
+                  orderings_table([ordering(_ordering_scores(cells, ablation), better, worse)
+                                   for better, worse in suite["orderings"]])]
     if jobs:
         extra.append(chosen_table(suite, jobs))
     md = compare_runs(finished, root / "report", title=f"Suite {suite['name']}", extra_blocks=extra)

@@ -27,8 +27,9 @@ LAYERS = [
     ("evaluate", ["surgeon.evaluate"]),
     ("report", ["surgeon.report", "surgeon.report.*"]),
     ("apply", ["surgeon.apply"]),
-    ("suite and sweep", ["surgeon.sweep", "surgeon.sweep.*", "surgeon.suite", "surgeon.suite_runner", "surgeon.demo"]),
-    ("cli", ["surgeon.cli", "surgeon"]),
+    ("suite and sweep", ["surgeon.sweep", "surgeon.sweep.*", "surgeon.suite", "surgeon.suite_runner", "surgeon.demo",
+                         "surgeon.gpus"]),
+    ("cli", ["surgeon.cli", "surgeon", "surgeon.__main__"]),
 ]
 
 #: Modules whose function-local imports are their design, said in their docstring.

@@ -235,6 +235,9 @@ def test_run_on_the_named_backbone_merges_to_a_plain_timm_folder(tmp_path, cli):
     config = json.loads((run / "merged" / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["model_args"]["patch_size"] == 8 and config["model_args"]["depth"] == 6
+    # surgeon's own weights: their licence and origin, no timm pretrained tag
+    assert "tag" not in config["pretrained_cfg"] and config["pretrained_cfg"]["license"] == "apache-2.0"
+    assert "built-in fractal_vit_tiny" in config["pretrained_cfg"]["description"]
     unmerged = surgeon.load_run(run, merged=False)
     x = fixed_batch(unmerged, seed=2)
     with torch.no_grad():

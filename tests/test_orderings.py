@@ -46,3 +46,24 @@ def test_bootstrap_is_reproducible_and_brackets_the_mean():
 def test_table_rows():
     table = orderings_table([ordering(scores({"t1": [1.0, 1.0]}), "A", "B")])
     assert table.rows == [["A > B", "2", "+1.00 [+1.00, +1.00]", "+", "holds"]]
+
+
+def test_suite_report_pairs_cells_by_task_and_seed_and_names_inference_modes(tmp_path):
+    from surgeon.suite import Cell
+    from surgeon.suite_runner import _ordering_scores
+
+    from .fake_runs import make_run
+
+    cells = []
+    for recipe, tests in (("mosa_hier", (0.80, 0.82)), ("adaptformer", (0.78, 0.83))):
+        for seed, test in enumerate(tests):
+            run = make_run(tmp_path / recipe, recipe, "builtin:digits", seed, test=test)
+            cells.append(Cell(recipe, "builtin:digits", seed, run, []))
+    cells.append(Cell("adaptformer", "builtin:count", 0, tmp_path / "never-ran", []))  # unfinished: left out
+    ablation = {("mosa_hier", "merge", "digits", 0): 80.0, ("mosa_hier", "fixed", "digits", 0): 75.0}
+    scores = _ordering_scores(cells, ablation)
+    assert scores[("mosa_hier", "digits", 1)] == pytest.approx(82.0)
+    assert scores[("mosa_hier:fixed", "digits", 0)] == 75.0
+    o = ordering(scores, "mosa_hier", "adaptformer")
+    assert o.pairs == 2 and o.mean == pytest.approx(((80 - 78) + (82 - 83)) / 2)
+    assert ordering(scores, "mosa_hier:merge", "mosa_hier:fixed").mean == 5.0

@@ -25,7 +25,8 @@ from surgeon.report.document import to_markdown
 from surgeon.report.run_report import _header_blocks as header_blocks
 from surgeon.report.run_report import _health_blocks as health_blocks
 from surgeon.report.run_report import _merge_blocks as merge_blocks
-from surgeon.report.run_report import describe_rule, expert_similarity
+from surgeon.report.plots import short_labels
+from surgeon.report.run_report import block_of, describe_rule, expert_similarity
 
 from .fake_runs import fake_plan, fake_recipe, make_run
 
@@ -133,6 +134,27 @@ def test_merge_failure_is_flagged(tmp_path):
     assert "**FAIL**" in md and "2.00e-03" in md
 
 
+def test_merge_section_names_each_modes_folder(tmp_path):
+    """merged/ is the recipe's mode (the figures'); merged-jigsaw/ another mode, with the command
+    for its own top-1; a merged/ of another mode (an older surgeon) is flagged."""
+    run_dir = make_run(tmp_path, steps=20)
+    for folder, mode in (("merged", "average"), ("merged-jigsaw", "jigsaw")):
+        (run_dir / folder).mkdir()
+        (run_dir / folder / "surgeon.json").write_text(json.dumps({"format": "dense-adapter", "merge_mode": mode}))
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "merge", "mode": "jigsaw", "format": "dense-adapter", "max_abs_diff": 1e-6,
+                            "max_rel_diff": 1e-7, "path": str(run_dir / "merged-jigsaw")}) + "\n")
+    md = squash(to_markdown(merge_blocks(load_run_data(run_dir)), tmp_path))
+    assert "| jigsaw | `merged-jigsaw/` | dense-adapter |" in md
+    assert "`merged/`: the `average` merge" in md and "Warning" not in md
+    assert f"`merged-jigsaw/`: the `jigsaw` merge, a dense adapter: `surgeon.load_run('{run_dir.resolve()}', " \
+           "merge_mode='jigsaw')`. The figures above are the `average` merge's" in md
+    assert f"`surgeon eval {run_dir.resolve()} --merge-mode jigsaw`" in md
+    (run_dir / "merged" / "surgeon.json").write_text(json.dumps({"format": "timm", "merge_mode": "jigsaw"}))
+    md = squash(to_markdown(merge_blocks(load_run_data(run_dir)), tmp_path))
+    assert "**Warning: it is not the `average` merge the figures above were measured with**" in md
+
+
 def test_read_metrics_skips_broken_lines(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"event": "start"}\nnot json\n[1, 2]\n{"event": "train", "step": 1, "loss": 1.0}\n{"event": "tr')
@@ -224,7 +246,33 @@ def test_expert_similarity_accepts_named_layers_and_per_layer_matrices():
         "per_layer": [{"module": "blocks.0.attn.qkv", "mean": 0.2}, {"module": "blocks.1.attn.qkv", "mean": 0.4}],
         "matrix": [[[1, 0], [0, 1]], [[1, 0.5], [0.5, 1]]]}})
     assert mean == pytest.approx(0.3) and per_layer[1] == ("blocks.1.attn.qkv", 0.4)
-    assert matrix.tolist() == [[1, 0.25], [0.25, 1]] and "2 layers" in title and not problems
+    assert matrix.tolist() == [[1, 0.25], [0.25, 1]] and title == "mean over 2 blocks" and not problems
+
+
+def test_expert_similarity_title_counts_blocks_not_slice_matrices():
+    """LoRA on the q and v slices of 3 blocks: 6 matrices, titled with the 3 blocks they are in;
+    names without a block index are counted as layers."""
+    eye = [[1, 0], [0, 1]]
+    qv = {"expert_similarity": {
+        "per_layer": [{"module": f"blocks.{i}.attn.qkv", "mean": 0.1} for i in range(3)],
+        "matrix": [eye] * 6, "matrix_keys": [f"blocks.{i}.attn.qkv.{s}" for i in range(3) for s in "qv"]}}
+    assert expert_similarity(qv)[3] == "mean of 6 matrices over 3 blocks"
+    swin = {"expert_similarity": {
+        "per_layer": [{"module": f"layers.{s}.blocks.{b}.mlp", "mean": 0.1} for s in range(2) for b in range(2)],
+        "matrix": [eye] * 4}}
+    assert expert_similarity(swin)[3] == "mean over 4 blocks"
+    flat = {"expert_similarity": {"per_layer": [{"module": n, "mean": 0.1} for n in ("head", "fc")],
+                                  "matrix": [eye] * 2}}
+    assert expert_similarity(flat)[3] == "mean over 2 layers"
+    assert block_of("layers.0.blocks.11.attn.qkv") == "layers.0.blocks.11" and block_of("head") is None
+
+
+def test_similarity_plot_ticks_keep_what_differs():
+    labels, pattern = short_labels([f"blocks.{i}.attn.qkv" for i in range(12)])
+    assert labels == [str(i) for i in range(12)] and pattern == "blocks.*.attn.qkv"
+    labels, pattern = short_labels(["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv"])
+    assert labels == ["0.attn.qkv", "0.mlp.fc1", "1.attn.qkv"] and pattern == "blocks.*"
+    assert short_labels(["head", "fc"]) == (["head", "fc"], "")
 
 
 def test_describe_rule_for_each_method():

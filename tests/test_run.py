@@ -81,6 +81,14 @@ def test_apply_writes_the_run_directory(mosa_run, data):
     assert len(preds["labels"]) == len(preds["preds"]) == 9 and preds["class_names"] == ["class0", "class1", "class2"]
     acc = 100 * sum(a == b for a, b in zip(preds["labels"], preds["preds"])) / 9
     assert acc == pytest.approx(end["test_top1"])
+    # MoSA runs get the expert-similarity analysis (per adapter) and its report section too.
+    analysis = json.loads((mosa_run / "analysis.json").read_text())["expert_similarity"]
+    assert [(e["module"], e["kind"]) for e in analysis["per_layer"]] == [("blocks.0.mlp", "adapter"),
+                                                                       ("blocks.1.mlp", "adapter")]
+    assert len(analysis["matrix"]) == 2 and analysis["matrix_keys"] == ["blocks.0.mlp", "blocks.1.mlp"]
+    report = (mosa_run / "report.md").read_text()
+    assert "## Expert similarity" in report and "MoSA experts' deltas" in report
+    assert "Mean over the 2 adapted modules in 2 blocks" in report
     # adapter.safetensors is small: the trained tensors, not the backbone.
     assert (mosa_run / "adapter.safetensors").stat().st_size < 0.1 * (mosa_run / "merged" / "model.safetensors").stat().st_size
 
@@ -97,13 +105,47 @@ def test_eval_matches_training_and_merge_modes(mosa_run, cli):
     assert cli("eval", str(mosa_run), "--inference", "fixed").code == 0
     assert cli("eval", str(mosa_run), "--inference", "stochastic").code == 0
 
+    # Another merge mode gets its own folder: merged/ stays the recipe's (average) merge, which the
+    # run's figures measure; summary.json keeps both checks.
+    average = (mosa_run / "merged" / "model.safetensors").read_bytes()
     res = cli("merge", str(mosa_run), "--mode", "jigsaw")
     assert res.code == 0, res
+    assert str(mosa_run / "merged-jigsaw") in res.out
     merges = [e for e in read_events(mosa_run) if e["event"] == "merge"]
     assert merges[-1]["mode"] == "jigsaw" and merges[-1]["max_abs_diff"] < 1e-4
-    assert json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "jigsaw"
-    res = cli("merge", str(mosa_run))  # back to the recipe's mode
+    assert merges[-1]["path"] == str(mosa_run / "merged-jigsaw")
+    assert json.loads((mosa_run / "merged-jigsaw" / "surgeon.json").read_text())["merge_mode"] == "jigsaw"
+    assert json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "average"
+    assert (mosa_run / "merged" / "model.safetensors").read_bytes() == average
+    after = json.loads((mosa_run / "summary.json").read_text())
+    assert after["merge"]["mode"] == "average" and set(after["merges"]) == {"average", "jigsaw"}
+    assert after["test_top1"] == summary["test_top1"]
+    # eval follows the mode asked for: the recipe's by default, jigsaw's own folder on request
+    res = cli("eval", str(mosa_run), "--json")
+    assert json.loads(res.out)["merge_mode"] == "average" and json.loads(res.out)["top1"] == pytest.approx(summary["test_top1"])
+    res = cli("eval", str(mosa_run), "--merge-mode", "jigsaw", "--json")
+    assert res.code == 0, res
+    jigsaw = json.loads(res.out)
+    assert jigsaw["merge_mode"] == "jigsaw" and jigsaw["n"] == 9
+    unmerged = surgeon.load_run(mosa_run, merged=False, merge_mode="jigsaw")  # jigsaw on the fly
+    merged = surgeon.load_run(mosa_run, merge_mode="jigsaw")                  # merged-jigsaw/ from disk
+    x = fixed_batch(merged, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), unmerged(x), atol=1e-5, rtol=0)
+    assert "ensemble inference):" in cli("eval", str(mosa_run), "--inference", "ensemble").out
+    report = (mosa_run / "report.md")
+    assert cli("report", str(mosa_run)).code == 0
+    assert "`merged-jigsaw/`: the `jigsaw` merge" in report.read_text()
+    # merged/ of another mode (what an earlier surgeon left after `merge --mode jigsaw`) is refused
+    # with the command that rewrites it, not loaded as if it were the run's merge.
+    info = mosa_run / "merged" / "surgeon.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "merge_mode": "jigsaw"}))
+    res = cli("eval", str(mosa_run))
+    assert res.code == 2 and "merged/ holds a 'jigsaw' merge, not the 'average' merge" in res.err
+    assert f"surgeon merge {mosa_run}`" in res.err
+    res = cli("merge", str(mosa_run))  # the recipe's mode again: merged/ rewritten, merged-jigsaw/ kept
     assert res.code == 0 and json.loads((mosa_run / "merged" / "surgeon.json").read_text())["merge_mode"] == "average"
+    assert (mosa_run / "merged-jigsaw").is_dir()
 
 
 def test_load_run_merged_equals_unmerged(mosa_run):
@@ -180,29 +222,82 @@ def test_bad_data_inputs_exit_2(tmp_path, data, cli):
     lines = [f"{data}/train/class{k}/{i}.png {k if k < 2 else 7}" for k in range(3) for i in range(4)]
     (tmp_path / "list.txt").write_text("\n".join(lines))
     cases["label out of range"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'list.txt'}",
-                                          "--set", "model.num_classes=3"), "data has 8 classes")
+                                          "--set", "model.num_classes=3"), "label 7 is out of range")
     cases["class-count mismatch"] = (_apply(cli, recipe, "--set", "model.num_classes=5"), "model.num_classes is 5")
+
+    # One case per class of issue 11 that a recipe or data can trigger (tests/test_reliability.py
+    # has the rest and the details).
+    (tmp_path / "huge.txt").write_text(f"{data}/train/class0/0.png 0\n{data}/train/class1/0.png 99999999999\n")
+    cases["1. absurd label"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'huge.txt'}"),
+                                f"{tmp_path / 'huge.txt'}:2")
+    cases["1. absurd size"] = (_apply(cli, recipe, "--set", "surgery.0.adapter.bottleneck=4000000000"), "bottleneck")
+    links = write_imagefolder(tmp_path / "links", per_split={"train": 2})
+    os.symlink(links / "train" / "class0", links / "train" / "class0" / "loop")  # a loop: scanned once
+    for f in (links / "train" / "class2").iterdir():
+        f.unlink()
+    (links / "train" / "class2").rmdir()
+    os.symlink(links / "train" / "class1", links / "train" / "class2")  # the same images as class1
+    cases["2. class of linked images"] = (_apply(cli, recipe, "--data", f"imagefolder:{links}"),
+                                          "holds only images already counted")
+    cases["6. non-finite lr"] = (_apply(cli, recipe, "--set", "train.base_lr=.nan"), "not a finite number")
+    (tmp_path / "a-file").write_text("x")
+    cases["7. --out below a file"] = (_apply(cli, recipe, "--out", str(tmp_path / "a-file" / "run")),
+                                      "is a file, not a folder")
+    cases["8. patch_size 0"] = (_apply(cli, recipe, "--set", "model.kwargs.patch_size=0"), "patch_size")
+    cases["8. image size of the data"] = (_apply(cli, recipe, "--set", "data.image_size=48"), "data.image_size")
+    (tmp_path / "latin1.txt").write_bytes(f"{data}/train/class0/0.png 0\nd\xe9j\xe0.png 1\n".encode("latin-1"))
+    cases["8. list not UTF-8"] = (_apply(cli, recipe, "--data", f"filelist:{tmp_path / 'latin1.txt'}"), "not UTF-8")
 
     for name, (res, text) in cases.items():
         assert res.code == 2, (name, res)
         assert text in res.err, (name, res.err)
         assert "Traceback" not in res.err, name
+        if name[0].isdigit():
+            assert "\nrun directory:" not in "\n" + res.err, name  # refused before a run directory was made
+    assert not (tmp_path / "a-file" / "run").exists() and (tmp_path / "a-file").read_text() == "x"
 
 
 def test_bad_run_inputs_exit_2(tmp_path, data, cli):
-    recipe = write_recipe(tmp_path / "r.yaml", data, surgery=[], train={"max_steps": 2, "merge": False})
+    import fcntl
+    import shutil
+
+    own = shutil.copytree(data, tmp_path / "data")  # changed below
+    recipe = write_recipe(tmp_path / "r.yaml", own, surgery=[], train={"max_steps": 2, "merge": False})
     run = tmp_path / "run"
     assert _apply(cli, recipe, "--out", str(run)).code == 0
+    # 3. a run another process writes to (a second open file description: flock conflicts in-process too)
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242 surgeon apply\n")
+    locked = [(cli("apply", "--resume", str(run)), "process 4242 (surgeon apply) is writing to it"),
+              (cli("merge", str(run)), "the run is in use")]
+    os.close(fd)
+    # 4. the data changed since the checkpoint
+    shutil.copy(own / "train" / "class0" / "0.png", own / "train" / "class0" / "new.png")
+    changed = cli("apply", "--resume", str(run))
+    (own / "train" / "class0" / "new.png").unlink()
+    # 5. other classes with the run's class count
+    other = write_imagefolder(tmp_path / "other", per_split={"train": 2, "test": 2})
+    for split in ("train", "test"):
+        for k in range(3):
+            (other / split / f"class{k}").rename(other / split / f"kind{k}")
     checks = [
         (cli("eval", str(tmp_path / "nope")), "does not exist"),
         (cli("merge", str(tmp_path)), "no recipe.yaml"),
         (_apply(cli, recipe, "--out", str(run)), "already holds a run"),
         (cli("eval", str(run), "--inference", "ensemble"), "needs experts"),
         (cli("eval", str(run), "--split", "train2"), "no 'train2' split"),
+        (cli("merge", str(run), "--mode", "jigsaw"), "needs experts"),
+        (cli("merge", str(run), "--mode", "quilt"), "unknown merge mode"),
+        (cli("eval", str(run), "--merge-mode", "jigsaw"), "needs experts"),
         (cli("apply", "--resume", str(tmp_path / "nope")), "does not exist"),
+        *locked,
+        (changed, "the data changed since the checkpoint (train: 19 images (was 18))"),
+        (cli("eval", str(run), "--data", f"imagefolder:{other}"), "the data's classes differ from the run's"),
     ]
+    assert cli("eval", str(run), "--data", f"imagefolder:{other}", "--allow-class-mismatch").code == 0
     (run / "checkpoints" / "last.pt").write_bytes(b"\x00" * 100)
-    checks.append((cli("apply", "--resume", str(run)), "cannot read the checkpoint"))
+    checks.append((cli("apply", "--resume", str(run)), "not a surgeon checkpoint"))
     (run / "adapter.safetensors").write_bytes(b"\x00" * 100)
     checks.append((cli("eval", str(run)), "adapter.safetensors"))
     for res, text in checks:

@@ -24,13 +24,15 @@ _WEIGHTS = Path(__file__).resolve().parent / "weights"
 #: (how it was made, upstream held-out accuracy, transfer checks). ``pretrained_cfg_overlay``
 #: is what to pass to ``timm.create_model`` so the head is re-initialised for any
 #: ``num_classes`` (``num_classes=0`` there tells timm the file has no classifier; with only
-#: ``file=``, ``num_classes=1000`` would fail on the missing head).
+#: ``file=``, ``num_classes=1000`` would fail on the missing head). ``license``: the weights'
+#: licence (surgeon made them), recorded in a merged run's ``config.json``.
 BUILTIN_BACKBONES: dict[str, dict] = {
     "fractal_vit_tiny": dict(
         model_name="vit_tiny_patch16_224",
         kwargs=dict(img_size=32, patch_size=8, depth=6),
         file=_WEIGHTS / "fractal_vit_tiny.safetensors",
         card=_WEIGHTS / "fractal_vit_tiny.json",
+        license="apache-2.0",
         pretrained_cfg_overlay=dict(file=str(_WEIGHTS / "fractal_vit_tiny.safetensors"), num_classes=0),
     ),
 }

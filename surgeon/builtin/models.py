@@ -39,7 +39,7 @@ default_cfgs = {
         std=(0.5, 0.5, 0.5),
         first_conv="patch_embed.proj",
         classifier="head",
-        license="apache-2.0",
+        license=_SPEC["license"],
     ),
 }
 

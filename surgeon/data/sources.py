@@ -36,7 +36,18 @@
 
 Labels of list/json sources: ``K = 1 + the largest label in the lists of the task``; class names
 are the images' parent folder names when each label has exactly one distinct folder, else
-``"0".."K-1"``.
+``"0".."K-1"``. ``K`` is bounded before anything of that length is built: by
+``model.num_classes`` when the recipe declares it, else by the number of images listed (a label
+beyond either is refused at its file and line).
+
+An image tree is walked once, following symlinked folders but never into a folder already
+walked (a symlink loop cannot hang the scan), and each real file counts once (a file reached
+twice through symlinks is not trained on twice, nor split into both train and val).
+
+Every split gets a fingerprint (:attr:`DataSplits.fingerprint`: per split the number of images,
+their total size in bytes and a hash of paths, sizes and labels; for ``builtin:`` sets a hash of
+the generated arrays): cheap (one ``stat`` per listed image, done anyway to check it exists),
+stored in every checkpoint, compared when a run resumes (:func:`data_changes`).
 
 Every file named in a list is checked with ``os.path.exists`` before training, so a missing
 image is reported (list file and line) up front; with ``data.bad_images: skip`` missing files are
@@ -44,9 +55,11 @@ dropped, warned about and counted in ``dataset.skipped`` instead.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -56,7 +69,7 @@ import torch
 from torch.utils.data import Dataset
 
 from surgeon.errors import UserError
-from surgeon.recipe.sections import DataConfig
+from surgeon.recipe.sections import MAX_CLASSES, DataConfig
 
 from .datasets import IMG_EXTENSIONS, ArrayDataset, ImageFileDataset
 from .transforms import TransformSet, build_transforms
@@ -85,6 +98,9 @@ class DataSplits:
         val_in_train: every val image is also a training image (the ``final`` protocol of
             VTAB-style sources): val scores then measure fit, not generalisation, and must not
             select a checkpoint.
+        fingerprint: ``{"classes": {"count", "hash"}, "splits": {name: {"images", "bytes",
+            "hash"}}}``, plain data (stored in checkpoints; see :func:`data_changes`); None for
+            splits built by hand.
     """
 
     train: Dataset
@@ -95,6 +111,7 @@ class DataSplits:
     provenance: str
     source: str
     val_in_train: bool = False
+    fingerprint: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +163,8 @@ def parse_source(spec: str) -> tuple[str, str]:
     return scheme, arg
 
 
-def build_splits(data_cfg: DataConfig, model: torch.nn.Module, *, seed: int) -> DataSplits:
+def build_splits(data_cfg: DataConfig, model: torch.nn.Module, *, seed: int,
+                 num_classes: int | None = None) -> DataSplits:
     """Build train/val/test datasets for ``data_cfg.source`` with ``model``'s transforms.
 
     Args:
@@ -159,13 +177,16 @@ def build_splits(data_cfg: DataConfig, model: torch.nn.Module, *, seed: int) -> 
             fgvc without val.json) and is the ``seed`` of ``builtin_split`` (0 = the canonical
             built-in sets). Same seed, same splits. To compare training seeds on fixed data,
             keep this one fixed (e.g. 0) rather than passing each run's training seed.
+        num_classes: the class count the recipe declares (``model.num_classes``), if any: a
+            listed label must be below it.
 
     Returns:
         :class:`DataSplits`; train items use the train transform, val/test the eval transform.
 
     Raises:
-        UserError: unknown scheme, missing path, empty class folder or split, bad label,
-            missing image listed in a file (``bad_images: error``).
+        UserError: unknown scheme, missing path, empty class folder or split, bad label (not
+            an integer, negative, beyond the class count), a list that is not UTF-8, missing
+            image listed in a file (``bad_images: error``).
     """
     source = data_cfg.source
     scheme, arg = parse_source(source)
@@ -175,11 +196,11 @@ def build_splits(data_cfg: DataConfig, model: torch.nn.Module, *, seed: int) -> 
         return _build_builtin(source, arg, protocol, seed, tf)
     finder = {"imagefolder": _find_imagefolder, "vtab1k": _find_vtab1k,
               "filelist": _find_filelist, "fgvc": _find_fgvc}[scheme]
-    found = finder(arg, data_cfg, protocol, seed)
+    found = finder(arg, data_cfg, protocol, seed, num_classes)
     return _assemble(source, found, data_cfg, protocol, tf)
 
 
-def source_classes(data_cfg: DataConfig, *, seed: int = 0) -> list[str]:
+def source_classes(data_cfg: DataConfig, *, seed: int = 0, num_classes: int | None = None) -> list[str]:
     """The class names of ``data_cfg.source`` (``len`` = the head size ``apply`` would use),
     found the way :func:`build_splits` finds them but without building datasets.
 
@@ -190,6 +211,7 @@ def source_classes(data_cfg: DataConfig, *, seed: int = 0) -> list[str]:
     Args:
         data_cfg: the recipe's typed ``data`` section (``source``, ``protocol``, ``val_fraction``).
         seed: the data seed (as :func:`build_splits`).
+        num_classes: the declared class count, if any (as :func:`build_splits`).
 
     Raises:
         UserError: as :func:`build_splits` for an unknown scheme, a missing path or a bad list.
@@ -199,7 +221,53 @@ def source_classes(data_cfg: DataConfig, *, seed: int = 0) -> list[str]:
         return list(_builtin_info(data_cfg.source, arg)["class_names"])
     finder = {"imagefolder": _find_imagefolder, "vtab1k": _find_vtab1k,
               "filelist": _find_filelist, "fgvc": _find_fgvc}[scheme]
-    return list(finder(arg, data_cfg, data_cfg.protocol, seed).classes)
+    return list(finder(arg, data_cfg, data_cfg.protocol, seed, num_classes).classes)
+
+
+def data_changes(old: dict | None, new: dict | None) -> list[str]:
+    """What differs between two :attr:`DataSplits.fingerprint` s, in words (empty: the same
+    data, or a fingerprint is missing: a checkpoint written before fingerprints existed)."""
+    if not old or not new:
+        return []
+    out = []
+    oc, nc = old.get("classes", {}), new.get("classes", {})
+    if oc.get("count") != nc.get("count"):
+        out.append(f"{nc.get('count')} classes (was {oc.get('count')})")
+    elif oc.get("hash") != nc.get("hash"):
+        out.append("other class names")
+    splits = old.get("splits", {}), new.get("splits", {})
+    for name in ("train", "val", "test"):
+        a, b = splits[0].get(name), splits[1].get(name)
+        if a == b:
+            continue
+        if a is None or b is None:
+            out.append(f"{name}: {'no split' if b is None else str(b['images']) + ' images'} "
+                       f"(was {'no split' if a is None else str(a['images']) + ' images'})")
+        elif a["images"] != b["images"]:
+            out.append(f"{name}: {b['images']} images (was {a['images']})")
+        elif a["bytes"] != b["bytes"]:
+            out.append(f"{name}: the same number of images, {b['bytes'] - a['bytes']:+,} bytes")
+        else:
+            out.append(f"{name}: the same number and size of images, but other files or labels")
+    return out
+
+
+def _fingerprint(class_names: list[str], splits: dict[str, list[tuple[str, int, int]] | None]) -> dict:
+    """:attr:`DataSplits.fingerprint` from the class names and, per split, ``(path, bytes,
+    label)`` rows (or None for an absent split)."""
+    out = {"classes": {"count": len(class_names), "hash": _hash("\n".join(class_names).encode())}, "splits": {}}
+    for name, rows in splits.items():
+        if rows is None:
+            continue
+        h = hashlib.blake2b(digest_size=16)
+        for path, size, label in rows:
+            h.update(f"{path}\t{size}\t{label}\n".encode("utf-8", "surrogateescape"))
+        out["splits"][name] = {"images": len(rows), "bytes": sum(r[1] for r in rows), "hash": h.hexdigest()}
+    return out
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +346,32 @@ def _preview(items: list, n: int = 5) -> str:
     return text + (f", … ({len(items)} in all)" if len(items) > n else "")
 
 
+def _class_count(splits: list[_Split], declared: int | None) -> int:
+    """``K = 1 + the largest label``, refused (at the label's file and line) when it exceeds the
+    declared ``model.num_classes``, or, undeclared, the number of images listed (a class without
+    a single image is a typo's, like label ``99999999999``), before anything of length K exists."""
+    top = max((e for s in splits for e in s.entries), key=lambda e: e.label)
+    k = top.label + 1
+    where = top.where() if callable(top.where) else top.where
+    if declared is not None:
+        if k > declared:
+            raise UserError(f"label {top.label} is out of range: model.num_classes is {declared}, so labels are "
+                            f"0..{declared - 1}", where=where,
+                            hint="fix the label, or raise model.num_classes (or remove it: the labels then give "
+                                 "the class count)")
+        return k
+    images = len({e.path for s in splits for e in s.entries})
+    bound = min(images, MAX_CLASSES)
+    if k > bound:
+        raise UserError(f"label {top.label} would make {k:,} classes (labels are 0..K-1), more than the "
+                        f"{images:,} images listed" if images < MAX_CLASSES else
+                        f"label {top.label} would make {k:,} classes, more than surgeon's limit of {MAX_CLASSES:,}",
+                        where=where,
+                        hint="labels are class indices 0..K-1; if the data really has more classes than images, "
+                             "declare the count with model.num_classes")
+    return k
+
+
 def _parse_label(token: str, where: str) -> int:
     try:
         label = int(token)
@@ -289,21 +383,40 @@ def _parse_label(token: str, where: str) -> int:
     return label
 
 
+def _read_text(file: str) -> str:
+    """A list or json file as text; not UTF-8 (or unreadable) is a :class:`UserError` naming the
+    line and the byte."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UserError(f"cannot read the file: {exc.strerror}", where=file) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UserError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} of line {line}",
+                        where=f"{file}:{line}",
+                        hint="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 OLD > NEW`)") from None
+
+
 def _read_list(file: str, base: str) -> list[_Entry]:
     """Parse ``path label`` lines (path may contain spaces; ``#`` lines and blanks skipped)."""
     entries = []
-    with open(file, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            where = f"{file}:{n}"
-            parts = text.rsplit(None, 1)
-            if len(parts) != 2:
-                raise UserError(f"expected `path label`, got {text!r}", where=where,
-                                hint="one image per line: a path, a space, an integer label")
-            rel, token = parts
-            entries.append(_Entry(os.path.join(base, rel), _parse_label(token, where), where))
+    text = _read_text(file)
+    # Line numbers as a text-mode file iteration counts them (universal newlines).
+    for n, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{file}:{n}"
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise UserError(f"expected `path label`, got {line!r}", where=where,
+                            hint="one image per line: a path, a space, an integer label")
+        rel, token = parts
+        entries.append(_Entry(os.path.join(base, rel), _parse_label(token, where), where))
     if not entries:
         raise UserError("the list has no images", where=file,
                         hint="each line is `relative/path.jpg <label>`")
@@ -311,14 +424,21 @@ def _read_list(file: str, base: str) -> list[_Entry]:
 
 
 def _check_files(split: _Split, bad_images: str, hint: str
-                 ) -> tuple[list[tuple[str, int]], list[str]]:
+                 ) -> tuple[list[tuple[str, int]], list[str], list[tuple[str, int, int]]]:
     """Existence check of every listed image: ``error`` raises on the first missing one (with the
-    total count), ``skip`` drops and returns them."""
-    samples, missing = [], []
+    total count), ``skip`` drops and returns them. Returns ``(samples, missing, rows)``, rows
+    ``(path, bytes, label)`` of the samples for the fingerprint."""
+    samples, missing, rows = [], [], []
     first = None
     for e in split.entries:
-        if os.path.isfile(e.path):
+        try:
+            info = os.stat(e.path)
+            found = stat.S_ISREG(info.st_mode)
+        except (OSError, ValueError):
+            found = False
+        if found:
             samples.append((e.path, e.label))
+            rows.append((e.path, info.st_size, e.label))
         else:
             missing.append(e.path)
             first = first or e
@@ -332,7 +452,7 @@ def _check_files(split: _Split, bad_images: str, hint: str
     if missing:
         log.warning("%s: skipping %d missing image(s): %s", split.origin, len(missing),
                     _preview(missing, 3))
-    return samples, missing
+    return samples, missing, rows
 
 
 def _assemble(source: str, found: _Found, data_cfg: DataConfig, protocol: str,
@@ -341,13 +461,14 @@ def _assemble(source: str, found: _Found, data_cfg: DataConfig, protocol: str,
     hint = (f"listed paths are relative to {found.base}; fix the path or set "
             "`data.bad_images: skip` to drop missing images")
     datasets = {}
+    rows: dict[str, list | None] = {}
     missing_at_build: set[str] = set()  # a set: vtab's train800val200 repeats val200
     for name in ("train", "val", "test"):
         split: _Split | None = getattr(found, name)
         if split is None:
-            datasets[name] = None
+            datasets[name] = rows[name] = None
             continue
-        samples, missing = _check_files(split, bad, hint)
+        samples, missing, rows[name] = _check_files(split, bad, hint)
         missing_at_build.update(missing)
         datasets[name] = ImageFileDataset(
             samples, tf.train if name == "train" else tf.eval, classes=found.classes,
@@ -366,7 +487,8 @@ def _assemble(source: str, found: _Found, data_cfg: DataConfig, protocol: str,
         {e.path for e in found.val.entries} <= {e.path for e in found.train.entries}
     return DataSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"],
                       num_classes=len(found.classes), class_names=list(found.classes),
-                      provenance=text, source=source, val_in_train=val_in_train)
+                      provenance=text, source=source, val_in_train=val_in_train,
+                      fingerprint=_fingerprint(list(found.classes), rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,12 +502,55 @@ def _subdirs(path: str) -> list[str]:
     return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
 
 
-def _scan_class(folder: str) -> list[str]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
-    return files
+def _scan_class(folder: str, seen: set[str]) -> tuple[list[str], int]:
+    """The images under ``folder``, in ``os.walk`` order (a folder's files sorted, then its
+    sub-folders, sorted, depth first), following symlinked folders.
+
+    A link to a folder that holds it (``x -> .``, ``x -> ..``: a loop) is not followed, a folder
+    already walked (two links to one folder) is not walked again, and a file whose real path is
+    in ``seen`` (shared by the classes of one split) is left out; the real paths of the files
+    returned are added to ``seen``.
+
+    Returns:
+        ``(paths, duplicates)``: the image paths and how many files were left out as seen.
+    """
+    files, duplicates = [], 0
+    visited: set[str] = set()
+    stack = [folder]
+    while stack:
+        path = stack.pop()
+        real = os.path.realpath(path)
+        if real in visited:
+            continue
+        visited.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda d: d.name)
+        except OSError as exc:
+            raise UserError(f"cannot list the folder: {exc.strerror}", where=path) from None
+        subdirs = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+                        continue  # a link to a folder that holds it: a loop, not more images
+                subdirs.append(entry.path)
+            elif _is_image(entry.name):
+                # The real path without a syscall per file unless the file itself is a link.
+                key = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if key in seen:
+                    duplicates += 1
+                    continue
+                seen.add(key)
+                files.append(entry.path)
+        stack.extend(reversed(subdirs))
+    return files, duplicates
 
 
 def _scan_tree(path: str, classes: list[str] | None, split_name: str) -> tuple[list[str], _Split]:
@@ -408,17 +573,26 @@ def _scan_tree(path: str, classes: list[str] | None, split_name: str) -> tuple[l
                                  "add it to train/ or remove it")
     index = {c: i for i, c in enumerate(classes)}
     entries = []
+    seen: set[str] = set()
+    duplicates = 0
     for c in found:
         folder = os.path.join(path, c)
-        files = _scan_class(folder)
+        files, dup = _scan_class(folder, seen)
+        duplicates += dup
+        if not files and dup:
+            raise UserError(f"class folder {c!r} holds only images already counted (in it or in another class "
+                            "folder, through symlinks)", where=folder,
+                            hint="an image belongs to one class: remove the symlinks or the folder")
         if not files:
             raise UserError(f"class folder {c!r} contains no images", where=folder,
                             hint=f"add images ({', '.join(IMG_EXTENSIONS)}) or remove the folder")
         entries += [_Entry(f, index[c], folder) for f in files]
+    if duplicates:
+        log.warning("%s: %d image(s) reached more than once through symlinks were counted once", path, duplicates)
     return classes, _Split(entries, f"{split_name}/" if split_name != "tree" else "the tree")
 
 
-def _find_imagefolder(root: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
+def _find_imagefolder(root: str, cfg: DataConfig, protocol: str, seed: int, num_classes: int | None) -> _Found:
     _need_dir(root, "data directory", "imagefolder:PATH expects a folder of class sub-folders, "
               "or train/ [val/] [test/] sub-folders of class sub-folders")
     subdirs = _subdirs(root)
@@ -462,7 +636,7 @@ _VTAB_HINT = ("vtab1k:ROOT/TASK expects ROOT/TASK/{train800,val200,train800val20
               "as distributed with the PEFT literature")
 
 
-def _find_vtab1k(task_dir: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
+def _find_vtab1k(task_dir: str, cfg: DataConfig, protocol: str, seed: int, num_classes: int | None) -> _Found:
     _need_dir(task_dir, "VTAB-1k task folder", _VTAB_HINT)
     if not any(os.path.exists(os.path.join(task_dir, f)) for f in ("val200.txt", "test.txt")):
         tasks = [d for d in _subdirs(task_dir)
@@ -490,7 +664,7 @@ def _find_vtab1k(task_dir: str, cfg: DataConfig, protocol: str, seed: int) -> _F
             notes.append("train800val200.txt absent: trained on train800.txt + val200.txt.")
         test = listed("test.txt")
     splits = [s for s in (train, val, test) if s]
-    k = 1 + max(e.label for s in splits for e in s.entries)
+    k = _class_count(splits, num_classes)
     _warn_label_gaps(splits, k, task_dir)
     task = os.path.basename(os.path.normpath(task_dir))
     what = f"VTAB-1k task {task!r} from {task_dir} (PEFT-literature lists)"
@@ -500,11 +674,11 @@ def _find_vtab1k(task_dir: str, cfg: DataConfig, protocol: str, seed: int) -> _F
 # --------------------------------------------------------------------------------------------
 # filelist:FILE
 
-def _find_filelist(file: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
+def _find_filelist(file: str, cfg: DataConfig, protocol: str, seed: int, num_classes: int | None) -> _Found:
     _need_file(file, "file list", "filelist:FILE expects a text file of `path label` lines")
     base = os.path.dirname(os.path.abspath(file))
     full = _Split(_read_list(file, base), os.path.basename(file))
-    k = 1 + max(e.label for e in full.entries)
+    k = _class_count([full], num_classes)
     _warn_label_gaps([full], k, file)
     names = _names_from_paths([full], k)
     train, val = _carve_val(full, cfg.val_fraction, seed)
@@ -525,8 +699,7 @@ def _json_where(file: str, text: str, key: str) -> str:
 
 def _read_json(file: str) -> tuple[list[tuple[str, int]], str]:
     """``([(relative path, label)], file text)`` from a ``{path: label}`` JSON object."""
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(file)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -549,7 +722,7 @@ def _read_json(file: str) -> tuple[list[tuple[str, int]], str]:
     return rows, text
 
 
-def _find_fgvc(root: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
+def _find_fgvc(root: str, cfg: DataConfig, protocol: str, seed: int, num_classes: int | None) -> _Found:
     _need_dir(root, "FGVC data folder", _FGVC_HINT)
     names = ["train.json", "val.json"] + (["test.json"] if protocol == "final" else [])
     rows: dict[str, list] = {}
@@ -591,7 +764,7 @@ def _find_fgvc(root: str, cfg: DataConfig, protocol: str, seed: int) -> _Found:
     elif protocol == "final":
         train = _Split(train.entries + val.entries, "train.json + val.json")
     splits = [s for s in (train, val, test) if s]
-    k = 1 + max(e.label for s in splits for e in s.entries)
+    k = _class_count(splits, num_classes)
     _warn_label_gaps(splits, k, root)
     rel_base = os.path.relpath(best, root)
     what = (f"FGVC (VPT-style json) data at {root}, images under "
@@ -635,11 +808,17 @@ def _build_builtin(source: str, name: str, protocol: str, seed: int,
     wanted = {"train": "trainval", "val": "val", "test": "test"} if protocol == "final" else \
              {"train": "train", "val": "val", "test": None}
     datasets, sizes = {}, []
+    fingerprint = _fingerprint(names, {})
     for role, split in wanted.items():
         if split is None:
             datasets[role] = None
             continue
         images, labels = builtin.builtin_split(name, split, seed=seed)
+        # The generated arrays themselves: a changed generator (or cache) shows up on resume.
+        digest = hashlib.blake2b(memoryview(np.ascontiguousarray(images)).cast("B"), digest_size=16)
+        digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+        fingerprint["splits"][role] = {"images": int(len(labels)), "bytes": int(np.asarray(images).nbytes),
+                                       "hash": digest.hexdigest()}
         if len(labels) == 0:
             raise UserError(f"built-in data set {name!r} has no images in split {split!r}",
                             where="data.source")
@@ -655,4 +834,4 @@ def _build_builtin(source: str, name: str, protocol: str, seed: int,
             f"Protocol {protocol}: {', '.join(sizes)}{test_note}. Transforms — {tf.describe()}.")
     return DataSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"],
                       num_classes=k, class_names=names, provenance=text, source=source,
-                      val_in_train=protocol == "final")
+                      val_in_train=protocol == "final", fingerprint=fingerprint)

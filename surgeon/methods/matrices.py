@@ -110,7 +110,8 @@ def _quantile_pattern(n: int, num_experts: int) -> torch.Tensor:
     """``uint8 [n]``: expert ``floor(k·N / n)`` for rank ``k`` (non-decreasing, balanced)."""
     bounds = [(i * n + num_experts - 1) // num_experts for i in range(num_experts + 1)]  # first k with floor(kN/n) >= i
     sizes = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])])
-    return torch.repeat_interleave(torch.arange(num_experts, dtype=torch.uint8), sizes)
+    # output_size: known anyway, and it lets the meta device (planning) build the pattern too.
+    return torch.repeat_interleave(torch.arange(num_experts, dtype=torch.uint8), sizes, output_size=n)
 
 
 def kept_count(numel: int, keep: float) -> int:

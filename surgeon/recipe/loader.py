@@ -19,6 +19,10 @@ from surgeon.resources import builtin_recipes
 # A recipe is a few hundred nodes; anything past this is an alias bomb ("billion laughs").
 MAX_NODES = 20_000
 MAX_EXTENDS_DEPTH = 16
+# A recipe nests a handful of levels (surgery.0.experts.sparse); anything deeper is not a recipe,
+# and refusing it here keeps everything downstream (validation, merging, copying) from recursing
+# without bound.
+MAX_DEPTH = 64
 
 Path_ = tuple  # a field path such as ("surgery", 0, "adapter", "bottleneck")
 
@@ -79,18 +83,33 @@ class _Builder:
                 where=self.file,
                 hint="recipes are small; remove recursive or repeated anchors (&a / *a)",
             )
+        if len(path) > MAX_DEPTH:
+            raise UserError(f"the YAML nests deeper than {MAX_DEPTH} levels", where=_mark(self.file, node),
+                            hint="a recipe nests a few levels; remove the runaway brackets or indentation")
         self.origin[path] = _mark(self.file, node)
         if isinstance(node, yaml.MappingNode):
-            self._scalar.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
+            # `<<: *anchor` merge keys: PyYAML's flatten puts the merged pairs first, then the
+            # node's own. YAML's rule: an own key overrides a merged one, and of several merged
+            # mappings (`<<: [*a, *b]`) the first wins; an own key written twice is a mistake.
+            own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+            self._scalar.flatten_mapping(node)
+            merged_count = len(node.value) - own
             out: dict = {}
-            for key_node, value_node in node.value:
+            written: set[str] = set()
+            for n, (key_node, value_node) in enumerate(node.value):
                 key = self._scalar.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, (str, int, float, bool)) or key is None:
                     raise UserError("mapping keys must be plain scalars", where=_mark(self.file, key_node))
                 key = str(key)
-                if key in out:
-                    raise UserError(f"duplicate key '{key}'", where=_mark(self.file, key_node),
-                                    hint="each key may appear once per mapping")
+                if n >= merged_count:
+                    if key in written:
+                        raise UserError(f"duplicate key '{key}'", where=_mark(self.file, key_node),
+                                        hint="each key may appear once per mapping")
+                    written.add(key)
+                    for p in [p for p in self.origin if p[:len(path) + 1] == path + (key,)]:
+                        del self.origin[p]  # the merged value's locations give way to the own value's
+                elif key in out:
+                    continue
                 out[key] = self.build(value_node, path + (key,))
             return out
         if isinstance(node, yaml.SequenceNode):
@@ -106,6 +125,9 @@ def parse_yaml_text(text: str, file: str) -> tuple[Any, dict[Path_, str]]:
     """
     try:
         node = yaml.compose(text, Loader=RecipeLoader)
+    except RecursionError:
+        raise UserError("the YAML nests too deeply to be read", where=file,
+                        hint="a recipe nests a few levels; remove the runaway brackets or indentation") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
@@ -238,6 +260,9 @@ def parse_override(text: str) -> tuple[str, Path_, Any]:
         op = "set"
         try:
             value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
+        except RecursionError:
+            raise UserError(f"bad --set '{text[:80]}{'...' if len(text) > 80 else ''}': the value nests too deeply",
+                            hint="a recipe value nests a few levels") from None
         except yaml.YAMLError as exc:
             value = raw.strip()
             if value[:1] in ("*", "&"):
@@ -254,8 +279,23 @@ def parse_override(text: str) -> tuple[str, Path_, Any]:
     parts = key.split(".")
     if not key or any(not p for p in parts):
         raise UserError(f"bad --set '{text}': empty key segment", hint="keys look like train.batch_size")
+    if len(parts) + _depth(value) > MAX_DEPTH:
+        raise UserError(f"bad --set '{text[:80]}{'...' if len(text) > 80 else ''}': it nests deeper than "
+                        f"{MAX_DEPTH} levels", hint="a recipe value nests a few levels")
     path = tuple(int(p) if p.isdigit() else p for p in parts)
     return op, path, value
+
+
+def _depth(value) -> int:
+    """Nesting depth of plain data (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def apply_overrides(recipe: RawRecipe, overrides: dict[str, Any] | list[str] | None) -> RawRecipe:
@@ -280,7 +320,7 @@ def apply_overrides(recipe: RawRecipe, overrides: dict[str, Any] | list[str] | N
             if isinstance(node, list):
                 if not isinstance(part, int) or part >= len(node):
                     raise UserError(f"bad --set '{text}': {'.'.join(map(str, path[:i + 1]))} is not an item of the list "
-                                    f"(it has {len(node)} items)")
+                                    f"(it has {len(node)} items)", where=label)
                 node = node[part]
             else:
                 if isinstance(part, int):
@@ -288,7 +328,15 @@ def apply_overrides(recipe: RawRecipe, overrides: dict[str, Any] | list[str] | N
                 if part not in node or not isinstance(node[part], (dict, list)):
                     if op == "del":
                         break
+                    if node.get(part) is not None:
+                        # `--set name.x=1` where name is a string: the mistake is the override's,
+                        # not the recipe's (a schema error would point at the recipe's line).
+                        dotted = ".".join(map(str, path[:i + 1]))
+                        raise UserError(f"bad --set '{text}': {dotted} is {node[part]!r}, not a mapping, so it has "
+                                        f"no field {path[i + 1]!r}", where=label,
+                                        hint=f"set {dotted} itself (--set {dotted}=VALUE), or check the key's spelling")
                     node[part] = {}
+                    origin[tuple(path[:i + 1])] = label
                 node = node[part]
         else:
             last = path[-1]
@@ -308,7 +356,8 @@ def apply_overrides(recipe: RawRecipe, overrides: dict[str, Any] | list[str] | N
                 else:
                     node[key] = value
             else:
-                raise UserError(f"bad --set '{text}': the parent is a {type(node).__name__}, not a mapping")
+                raise UserError(f"bad --set '{text}': the parent is a {type(node).__name__}, not a mapping",
+                                where=label)
             for p in [p for p in origin if p[:len(path)] == tuple(path)]:
                 del origin[p]
             if op == "set":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -99,6 +100,45 @@ def _best(errors):
     return jsonschema.exceptions.best_match(errors)
 
 
+_TYPE_WORDS = {"null": "null", "boolean": "true or false", "integer": "an integer", "number": "a number",
+               "string": "a string", "object": "a mapping", "array": "a list"}
+_PLURAL = {"integer": "integers", "number": "numbers", "string": "strings", "object": "mappings",
+           "boolean": "booleans", "array": "lists"}
+
+
+def _accepts(branch: dict) -> str:
+    """What one alternative of a oneOf/anyOf accepts, in words: "a number", "a list of strings"."""
+    branch = _deref(branch, recipe_schema())
+    types = branch.get("type")
+    if types is None:
+        return "a value of another form" if "enum" not in branch else "one of " + ", ".join(map(str, branch["enum"]))
+    types = [types] if isinstance(types, str) else list(types)
+    words = []
+    for t in types:
+        if t == "array":
+            item = _deref(branch.get("items", {}), recipe_schema()).get("type")
+            words.append(f"a list of {_PLURAL.get(item, 'values')}" if isinstance(item, str) else "a list")
+        else:
+            words.append(_TYPE_WORDS.get(t, t))
+    return " or ".join(words)
+
+
+def _alternatives(error: jsonschema.ValidationError):
+    """The sub-error to report for a failed oneOf/anyOf, or None when no alternative has the
+    instance's type (then the caller says what is accepted).
+
+    An alternative whose type fits the instance failed for a reason worth naming (``1.5`` is
+    above a maximum); the type errors of the other alternatives ("is not of type 'array'") are
+    noise.
+    """
+    by_branch: dict[int, list] = {}
+    for sub in error.context:
+        by_branch.setdefault(sub.relative_schema_path[0], []).append(sub)
+    fitting = [e for errs in by_branch.values()
+               if not any(e.validator == "type" and not e.relative_path for e in errs) for e in errs]
+    return _best(fitting) if fitting else None
+
+
 def _describe(error: jsonschema.ValidationError, raw: RawRecipe) -> list[tuple[str, str, str, str | None]]:
     path = tuple(error.absolute_path)
     where = raw.where(path)
@@ -121,7 +161,13 @@ def _describe(error: jsonschema.ValidationError, raw: RawRecipe) -> list[tuple[s
                    else f"a surgery rule takes exactly one method, got {' and '.join(given)}")
             return [(where, _dotted(path), msg, f"one of: {', '.join(methods)}")]
     if error.validator in ("oneOf", "anyOf") and error.context:
-        sub = _best(error.context)
+        sub = _alternatives(error)
+        if sub is None:
+            accepted = [_accepts(b) for b in error.validator_value]
+            text = ", ".join(accepted[:-1]) + f" or {accepted[-1]}" if len(accepted) > 1 else accepted[0]
+            return [(where, _dotted(path), f"{_short(error.instance)} is not accepted here: expected {text}", None)]
+        if sub.validator in ("oneOf", "anyOf") and sub.context:
+            return _describe(sub, raw)
         return [(raw.where(tuple(sub.absolute_path)) if sub.absolute_path else where,
                  _dotted(sub.absolute_path or path), sub.message, None)]
     hint = None
@@ -135,11 +181,40 @@ def _describe(error: jsonschema.ValidationError, raw: RawRecipe) -> list[tuple[s
     return [(where, _dotted(path), message, hint)]
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def nonfinite_problems(raw: RawRecipe) -> list[tuple[str, str, str, str | None]]:
+    """Every NaN or infinite number anywhere in the recipe (``.nan``, ``.inf``, ``1e400``), located.
+
+    JSON Schema bounds cannot refuse them (NaN compares false with every bound, so ``minimum: 0``
+    lets it through), and no field of a recipe means anything with one.
+    """
+    problems = []
+    stack = [((), raw.data)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            written = "NaN" if node != node else ("-" if node < 0 else "") + "infinity"
+            problems.append((raw.where(path), _dotted(path), f"{written} is not a finite number",
+                             "write a finite number (YAML reads .nan/.inf, and numbers too large for a float such as "
+                             "1e400, as non-finite)"))
+        elif isinstance(node, dict):
+            stack.extend((path + (k,), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(node))
+    return problems
+
+
 def schema_problems(raw: RawRecipe) -> list[tuple[str, str, str, str | None]]:
     """All schema violations of ``raw``, sorted by location: ``(where, field, message, hint)``."""
-    problems = []
+    problems = nonfinite_problems(raw)
+    nonfinite = {p[1] for p in problems}
     for error in _validator().iter_errors(raw.data):
-        problems.extend(_describe(error, raw))
+        if _dotted(error.absolute_path) not in nonfinite:  # "-inf is less than the minimum of 0": said already
+            problems.extend(_describe(error, raw))
     seen, unique = set(), []
     for p in problems:
         if p not in seen:
@@ -164,6 +239,12 @@ def fill_defaults(data: dict, path: tuple = ()) -> dict:
 
 def _fill(instance: Any, node: dict, schema: dict) -> Any:
     node = _deref(node, schema)
+    types = node.get("type", ())
+    types = [types] if isinstance(types, str) else types
+    if isinstance(instance, float) and "integer" in types and "number" not in types and instance.is_integer():
+        # `bottleneck: 4e9`, `max_steps: 1e4`: JSON Schema counts an integral float as an integer;
+        # the code past this point gets a real int (a float size is a TypeError deep in torch).
+        return int(instance)
     if isinstance(instance, dict):
         for key, sub in node.get("properties", {}).items():
             sub = _deref(sub, schema)

@@ -14,6 +14,13 @@ from typing import Any
 from surgeon.methods.modes import INFERENCE_MODES, MERGE_MODES
 from surgeon.methods.targets import TARGET_SCHEMA
 
+#: Bounds a recipe cannot exceed: seeds feed numpy (< 2^32); a head of more classes than any data
+#: set has is a typo, and lists of that length would exhaust memory; a batch above 2^20 images is
+#: not a setting of this tool (torch's batch sampler allocates a list of that length).
+MAX_SEED = 2**32 - 1
+MAX_CLASSES = 1_000_000
+MAX_BATCH = 2**20
+
 
 @dataclass(frozen=True)
 class DropoutConfig:
@@ -106,6 +113,7 @@ class TrainConfig:
     checkpoint_every: int
     max_bad_steps: int
     merge: bool
+    log: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -197,9 +205,10 @@ MODEL_SCHEMA = {
         "num_classes": {
             "type": "integer",
             "minimum": 1,
+            "maximum": MAX_CLASSES,
             "description": (
                 "Classes of the new classifier head (always re-initialised and trained). Default: the number of "
-                "classes of the data."
+                "classes of the data. When given, every label of the data must be below it."
             ),
         },
         "kwargs": {
@@ -326,6 +335,7 @@ DATA_SCHEMA = {
         "seed": {
             "type": "integer",
             "minimum": 0,
+            "maximum": MAX_SEED,
             "default": 0,
             "description": (
                 "Seeds the data itself: the built-in generated sets and held-out validation splits. Kept apart "
@@ -336,8 +346,9 @@ DATA_SCHEMA = {
         "num_workers": {
             "type": "integer",
             "minimum": 0,
+            "maximum": 256,
             "default": 2,
-            "description": "DataLoader worker processes.",
+            "description": "DataLoader worker processes (at most 256).",
         },
         "bad_images": {
             "type": "string",
@@ -460,8 +471,12 @@ TRAIN_SCHEMA = {
         "batch_size": {
             "type": "integer",
             "minimum": 1,
+            "maximum": MAX_BATCH,
             "default": 128,
-            "description": "Images per optimizer step (before accumulation is split).",
+            "description": (
+                "Images per optimizer step (before accumulation is split); at most 2^20. A training split smaller "
+                "than one batch trains one short batch per epoch."
+            ),
         },
         "grad_accum": {
             "type": "integer",
@@ -558,6 +573,7 @@ TRAIN_SCHEMA = {
         "seed": {
             "type": "integer",
             "minimum": 0,
+            "maximum": MAX_SEED,
             "default": 3407,
             "description": "Seeds Python, numpy, torch, expert masks and draws, MLAE masks and the data order.",
         },
@@ -583,6 +599,17 @@ TRAIN_SCHEMA = {
             "type": "boolean",
             "default": True,
             "description": "Merge and write RUN/merged at the end of training.",
+        },
+        "log": {
+            "type": "array",
+            "items": {"enum": ["tensorboard"]},
+            "uniqueItems": True,
+            "default": [],
+            "description": (
+                "Extra training logs besides RUN/metrics.jsonl (the source of truth) and RUN/summary.csv: "
+                "`tensorboard` writes TensorBoard event files to RUN/tensorboard (loss and its terms, lr, img/s, "
+                "val/test top-1; needs `pip install 'surgeon[tensorboard]'`)."
+            ),
         },
     },
 }

@@ -181,6 +181,26 @@ def confusion_matrix(labels: list[int], preds: list[int], class_names: list[str]
     return save_figure(confusion_figure(labels, preds, class_names, title), path)
 
 
+def short_labels(names: list[str]) -> tuple[list[str], str]:
+    """Tick labels that keep only what differs between dotted module names, and the pattern
+    they fill in: ``blocks.0.attn.qkv`` … ``blocks.11.attn.qkv`` → ``0`` … ``11`` and
+    ``blocks.*.attn.qkv``. Names with nothing in common are returned as they are (pattern "")."""
+    split = [n.split(".") for n in names]
+    if len(split) < 2:
+        return list(names), ""
+    head = 0
+    while all(len(p) > head + 1 for p in split) and len({p[head] for p in split}) == 1:
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 for p in split) and len({p[-1 - tail] for p in split}) == 1:
+        tail += 1
+    if not head and not tail:
+        return list(names), ""
+    labels = [".".join(p[head:len(p) - tail]) for p in split]
+    pattern = ".".join(split[0][:head] + ["*"] + (split[0][len(split[0]) - tail:] if tail else []))
+    return labels, pattern
+
+
 def similarity_plot(per_layer: list[tuple[str, float]], matrix: np.ndarray | None, path: Path,
                     title: str = "", matrix_title: str = "") -> Path | None:
     """Expert similarity (MLAE paper Figs. 4-5): per-layer mean cosine similarity as bars and the
@@ -192,9 +212,16 @@ def similarity_plot(per_layer: list[tuple[str, float]], matrix: np.ndarray | Non
     axes = list(np.atleast_1d(fig.subplots(1, panels)))
     if per_layer:
         ax = axes.pop(0)
-        labels, values = zip(*per_layer)
+        names, values = zip(*per_layer)
+        labels, pattern = short_labels(list(names))
         ax.bar(range(len(values)), values, color="C0")
-        ax.set_xticks(range(len(values)), labels, rotation=90 if len(values) > 6 else 0, fontsize=8)
+        # At most ~24 labels; turned upright when they would collide lying down.
+        every = max(1, math.ceil(len(values) / 24))
+        ticks = list(range(0, len(values), every))
+        upright = len(ticks) * max(len(labels[t]) for t in ticks) > 48
+        ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90 if upright else 0, fontsize=8)
+        if pattern:
+            ax.set_xlabel(pattern, fontsize=8)
         ax.axhline(float(np.mean(values)), color="C3", lw=1, ls="--", label=f"mean {np.mean(values):.3f}")
         ax.set_ylabel("mean pairwise cosine similarity")
         ax.set_title("per layer")

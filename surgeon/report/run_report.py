@@ -6,6 +6,7 @@ numerical health, expert similarity (when ``analysis.json`` has it), and what co
 """
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ _SHOWN_SUMMARY_KEYS = {"best_val_top1", "best_step", "test_top1", "train_seconds
                        "recipe", "model", "data", "num_classes", "final_split", "final_top1", "inference",
                        "nonfinite_steps", "wall_seconds", "precision", "device", "lr", "epochs", "steps_per_epoch",
                        "train_images", "val_images", "test_images"}
-_SHOWN_SUMMARY_SECTIONS = {"params", "timings", "merge", "class_names", "per_class"}
+_SHOWN_SUMMARY_SECTIONS = {"params", "timings", "merge", "merges", "class_names", "per_class", "environment"}
 
 
 # ---- recipe in words -------------------------------------------------------------------
@@ -199,6 +200,21 @@ def _worst_classes(labels: list[int], preds: list[int], names: list[str], n: int
     return [f"`{label(i)}` {100 * a:.1f}% (of {support[i]})" for a, i in acc[:n]]
 
 
+def _merged_folders(run: RunData) -> list[tuple[Path, dict]]:
+    """The run's merged folders (``merged/``, ``merged-<mode>/``) with their ``surgeon.json``."""
+    found = []
+    for folder in sorted(run.path.glob("merged*")):
+        info = folder / "surgeon.json"
+        if folder.is_dir() and info.is_file():
+            try:
+                data = json.loads(info.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                run.problems.append(f"{folder.name}/surgeon.json: unreadable")
+                continue
+            found.append((folder, data if isinstance(data, dict) else {}))
+    return found
+
+
 def _merge_blocks(run: RunData) -> list[Block]:
     blocks: list[Block] = [Heading("Merge check")]
     if not run.merges:
@@ -210,18 +226,31 @@ def _merge_blocks(run: RunData) -> list[Block]:
     for m in run.merges:
         rel, ab = m.get("max_rel_diff"), m.get("max_abs_diff")
         verdict = "—" if not _is_number(rel) else ("**pass**" if rel <= MERGE_REL_TOL else "**FAIL**")
-        rows.append([str(m.get("mode", "?")), str(m.get("format", "—")), "—" if not _is_number(ab) else f"{ab:.2e}",
-                     "—" if not _is_number(rel) else f"{rel:.2e}", verdict])
-    blocks.append(Table(["mode", "format", "max abs diff", "max rel diff", f"exact (rel ≤ {MERGE_REL_TOL:g})"], rows,
-                        ["l", "l", "r", "r", "l"],
+        folder = f"`{Path(str(m['path'])).name}/`" if m.get("path") else "—"
+        rows.append([str(m.get("mode", "?")), folder, str(m.get("format", "—")),
+                     "—" if not _is_number(ab) else f"{ab:.2e}", "—" if not _is_number(rel) else f"{rel:.2e}", verdict])
+    blocks.append(Table(["mode", "folder", "format", "max abs diff", "max rel diff", f"exact (rel ≤ {MERGE_REL_TOL:g})"],
+                        rows, ["l", "l", "l", "r", "r", "l"],
                         notes=["Largest difference between the merged and the unmerged model's outputs on a "
                                "fixed batch."]))
-    if (run.path / "merged").is_dir():
-        fmt = str(run.merges[-1].get("format", ""))
-        root = run.path.resolve()
-        how = {"timm": f"a plain timm model: `timm.create_model('local-dir:{root / 'merged'}', pretrained=True)`",
-               "dense-adapter": f"a dense adapter: `surgeon.load_run('{root}')`"}.get(fmt)
-        blocks.append(Paragraph("Merged model: `merged/` in the run directory" + (f", {how}." if how else ".")))
+    own = str((run.recipe.get("eval") or {}).get("merge_mode", "average"))
+    root = run.path.resolve()
+    lines = []
+    for folder, info in _merged_folders(run):
+        mode, fmt = str(info.get("merge_mode", "average")), str(info.get("format", ""))
+        arg = "" if folder.name == "merged" else f", merge_mode='{mode}'"
+        how = {"timm": f"a plain timm model: `timm.create_model('local-dir:{root / folder.name}', pretrained=True)`",
+               "dense-adapter": f"a dense adapter: `surgeon.load_run('{root}'{arg})`"}.get(fmt, "")
+        line = f"`{folder.name}/`: the `{mode}` merge" + (f", {how}" if how else "")
+        if folder.name == "merged" and mode != own:
+            line += (f". **Warning: it is not the `{own}` merge the figures above were measured with** (an earlier "
+                     f"surgeon kept every mode in `merged/`); `surgeon merge {root}` rewrites it")
+        elif mode != own:
+            line += (f". The figures above are the `{own}` merge's; this one's top-1: "
+                     f"`surgeon eval {root} --merge-mode {mode}`")
+        lines.append(line + ".")
+    if lines:
+        blocks += [Paragraph("Merged models in the run directory:"), Bullets(lines)]
     return blocks
 
 
@@ -256,6 +285,32 @@ def _timing_blocks(run: RunData) -> list[Block]:
     return [Heading("Timings and throughput"), Table(["", "value"], rows, ["l", "r"])]
 
 
+def _environment_blocks(run: RunData) -> list[Block]:
+    """The reproducibility record of ``summary.json`` (``environment``), when there is one."""
+    env = run.summary.get("environment")
+    if not isinstance(env, dict):
+        return []
+    versions = ", ".join(f"{k} {env[k]}" for k in ("surgeon", "torch", "timm", "torchvision", "numpy", "python")
+                         if env.get(k))
+    rows = [["versions", versions]]
+    if env.get("device"):
+        rows.append(["device", f"{env['device']} ({env.get('device_name') or '?'}), {env.get('threads', '?')} torch "
+                               f"thread(s) of {env.get('cpus', '?')} CPUs"])
+    if env.get("command"):
+        rows.append(["command", f"`{env['command']}`"])
+    recipe = env.get("recipe") if isinstance(env.get("recipe"), dict) else None
+    if recipe:
+        git = recipe.get("git") if isinstance(recipe.get("git"), dict) else None
+        where = f"`{recipe.get('path')}`"
+        if git and git.get("commit"):
+            where += (f" at commit `{str(git['commit'])[:12]}`" + (" (work tree dirty)" if git.get("dirty") else "")
+                      + (f", file {git['file']}" if git.get("file") and git["file"] != "committed" else ""))
+        elif git is None:
+            where += " (not in a git work tree)"
+        rows.append(["recipe", where])
+    return [Heading("Environment", 3), Table(["", "value"], rows, ["l", "l"])]
+
+
 def _health_blocks(run: RunData) -> list[Block]:
     blocks: list[Block] = [Heading("Non-finite losses")]
     if not run.nonfinite:
@@ -272,12 +327,32 @@ def _health_blocks(run: RunData) -> list[Block]:
     return blocks
 
 
+def block_of(module: str) -> str | None:
+    """The block a module belongs to: its name up to its last numeric part (``blocks.3.attn.qkv``
+    → ``blocks.3``, ``layers.0.blocks.1.mlp`` → ``layers.0.blocks.1``); None without one."""
+    parts = module.split(".")
+    last = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
+    return None if last is None else ".".join(parts[:last + 1])
+
+
+def _matrices_title(count: int, modules: list[str]) -> str:
+    """``mean over 12 blocks`` / ``mean of 24 matrices over 12 blocks`` (q, v slices: one
+    matrix each), counting the blocks the modules are in; layers when they name no block."""
+    blocks = {block_of(m) for m in modules}
+    if modules and None not in blocks:
+        n = len(blocks)
+        return f"mean over {n} block{'s' * (n != 1)}" if n == count else f"mean of {count} matrices over {n} blocks"
+    n = len(set(modules)) or count
+    return f"mean over {n} layer{'s' * (n != 1)}" if n == count else f"mean of {count} matrices over {n} layers"
+
+
 def expert_similarity(analysis: dict | None) -> tuple[float | None, list[tuple[str, float]], np.ndarray | None, str,
                                                      list[str]]:
     """Normalise ``analysis.json``'s ``expert_similarity``.
 
     ``per_layer`` may be numbers or objects ``{"module"|"layer"|"name": ..., "mean"|"similarity": x}``;
-    ``matrix`` one experts × experts matrix or one per layer (shown as their mean).
+    ``matrix`` one experts × experts matrix or one per layer (shown as their mean, titled with
+    the number of blocks they cover: :func:`block_of`).
 
     Returns:
         (mean, [(layer label, value)], matrix or None, matrix title, problems)
@@ -306,7 +381,13 @@ def expert_similarity(analysis: dict | None) -> tuple[float | None, list[tuple[s
         except (ValueError, TypeError):
             arr = None
         if arr is not None and arr.ndim == 3 and arr.shape[1] == arr.shape[2] and arr.shape[0] > 0:
-            matrix, title = arr.mean(axis=0), f"mean over {arr.shape[0]} layers"
+            keys = sim.get("matrix_keys")
+            modules = [label for label, _ in per_layer if not label.isdigit()]
+            if isinstance(keys, list) and len(keys) == arr.shape[0]:
+                # a key is a module or module.<slice>: the module is the per-layer label it starts with
+                modules = [next((m for m in modules if str(k) == m or str(k).startswith(m + ".")), str(k))
+                           for k in keys]
+            matrix, title = arr.mean(axis=0), _matrices_title(arr.shape[0], modules)
         elif arr is not None and arr.ndim == 2 and arr.shape[0] == arr.shape[1] and arr.size:
             matrix = arr
         else:
@@ -314,23 +395,49 @@ def expert_similarity(analysis: dict | None) -> tuple[float | None, list[tuple[s
     return mean, per_layer, matrix, title, problems
 
 
+#: What the similarity compares, by the kind of layer (``per_layer[].kind`` in analysis.json),
+#: and what to keep in mind reading it.
+_SIMILARITY_TEXT = {
+    "low-rank": ("the experts' flattened weight updates ΔW_j (LoRA family: the rank-k terms of BA; MLAE paper "
+                 "Figs. 4-5)", ""),
+    "adapter": ("the MoSA experts' deltas from the dense init, D ⊙ M_i per adapter (with their own bias deltas)",
+                "The masks M_i are disjoint, so the weight parts of two experts share no entry: a similarity "
+                "above 0 comes from their biases and, under `decay: toward_zero`, from the decayed init on the "
+                "entries an expert holds but does not train. An expert that never trained scores 0, itself "
+                "included."),
+}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("s" if n != 1 else "")
+
+
 def _similarity_blocks(run: RunData, plots_dir: Path) -> list[Block]:
     mean, per_layer, matrix, title, problems = expert_similarity(run.analysis)
     run.problems += problems
     if mean is None and not per_layer and matrix is None:
         return []
-    blocks: list[Block] = [Heading("Expert similarity"),
-                           Paragraph("Mean pairwise cosine similarity of the experts' flattened weight updates "
-                                     "(MLAE paper Figs. 4-5): lower means more diverse experts."
-                                     + (f" Mean over layers: **{mean:.4f}**." if mean is not None else ""))]
+    items = ((run.analysis or {}).get("expert_similarity") or {}).get("per_layer") or []
+    kinds = [k for k in _SIMILARITY_TEXT if any(isinstance(i, dict) and i.get("kind") == k for i in items)]
+    kinds = kinds or ["low-rank"]  # analysis.json of an older surgeon: LoRA-family layers only
+    what = " and of ".join(_SIMILARITY_TEXT[k][0] for k in kinds)
+    notes = " ".join(_SIMILARITY_TEXT[k][1] for k in kinds if _SIMILARITY_TEXT[k][1])
+    modules = [label for label, _ in per_layer]
+    blocks = {block_of(m) for m in modules}
+    over = (f"the {_plural(len(modules), 'adapted module')} in {_plural(len(blocks), 'block')}"
+            if modules and None not in blocks else "layers")
+    text = f"Mean pairwise cosine similarity of {what}; lower means more diverse experts."
+    if mean is not None:
+        text += f" Mean over {over}: **{mean:.4f}**."
+    blocks_out: list[Block] = [Heading("Expert similarity"), Paragraph(text + (f" {notes}" if notes else ""))]
     if per_layer and len(per_layer) <= 48:
-        blocks.append(Table(["layer", "mean cosine similarity"], [[f"`{a}`", f"{b:.4f}"] for a, b in per_layer],
-                            ["l", "r"]))
+        blocks_out.append(Table(["layer", "mean cosine similarity"], [[f"`{a}`", f"{b:.4f}"] for a, b in per_layer],
+                                ["l", "r"]))
     path = plots.similarity_plot(per_layer, matrix, plots_dir / "expert_similarity.png",
                                  title=f"{run.name}: expert similarity", matrix_title=title)
     if path:
-        blocks.append(Figure(path, "Expert similarity per layer and as an expert × expert matrix."))
-    return blocks
+        blocks_out.append(Figure(path, "Expert similarity per layer and as an expert × expert matrix."))
+    return blocks_out
 
 
 def _other_summary(run: RunData) -> list[Block]:
@@ -395,6 +502,7 @@ def report_blocks(run: RunData, plots_dir: Path) -> list[Block]:
     blocks += _results_blocks(run, plots_dir)
     blocks += _merge_blocks(run)
     blocks += _timing_blocks(run)
+    blocks += _environment_blocks(run)
     blocks += _health_blocks(run)
     blocks += _similarity_blocks(run, plots_dir)
     blocks += _other_summary(run)

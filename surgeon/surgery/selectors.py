@@ -21,8 +21,43 @@ def _brace(body: str, pattern: str) -> str:
         lo, hi = int(m.group(1)), int(m.group(2))
         if lo > hi:
             raise UserError(f"selector '{pattern}': empty range {{{body}}}", hint="write {low..high}, low <= high")
-        return "(?:" + "|".join(str(i) for i in range(lo, hi + 1)) + ")"
+        return int_range_regex(lo, hi)
     return "(?:" + "|".join(re.escape(alt) for alt in body.split(",")) + ")"
+
+
+def int_range_regex(lo: int, hi: int) -> str:
+    """A regex matching the decimal integers ``lo..hi`` (no leading zeros), of size O(digits):
+    ``{0..300000000}`` compiles to a few alternatives, not 300 million of them."""
+    parts, digits = [], len(str(lo))
+    while lo <= hi:
+        top = min(hi, 10 ** digits - 1)  # the largest number with this many digits
+        parts += _same_length_range(str(lo), str(top))
+        lo, digits = top + 1, digits + 1
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _same_length_range(a: str, b: str) -> list[str]:
+    """Regexes for the digit strings ``a..b`` of one length (``a <= b``)."""
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    prefix, a, b = a[:i], a[i:], b[i:]
+    if not a:
+        return [prefix]
+    if len(a) == 1:
+        return [f"{prefix}[{a}-{b}]"]
+    rest = len(a) - 1
+    out = []
+    first = a[0]
+    if a[1:] != "0" * rest:  # a's own block is partial: a[0] followed by a[1:]..9...9
+        out += [prefix + a[0] + r for r in _same_length_range(a[1:], "9" * rest)]
+        first = str(int(a[0]) + 1)
+    last = b[0] if b[1:] == "9" * rest else str(int(b[0]) - 1)
+    if first <= last:
+        out.append(f"{prefix}[{first}-{last}][0-9]{{{rest}}}")
+    if b[1:] != "9" * rest:  # b's block is partial: b[0] followed by 0...0..b[1:]
+        out += [prefix + b[0] + r for r in _same_length_range("0" * rest, b[1:])]
+    return out
 
 
 @lru_cache(maxsize=256)

@@ -18,6 +18,9 @@ class SweepSpec:
         sampler: ``grid`` (every combination) or ``tpe`` (``trials`` configurations chosen by
             Optuna's TPE among the grid's values).
         seeds: ``train.seed`` of each final run (empty: no final runs).
+        workers: worker processes on this machine.
+        gpus: with ``--gpus``, worker ``k``'s ``CUDA_VISIBLE_DEVICES`` (then ``workers`` is
+            their number and every worker is a spawned process).
         poll_s: seconds between looks at the storage while other workers hold the last trials.
         heartbeat_s / stale_after_s: a worker on another host is presumed dead after
             ``stale_after_s`` seconds without a heartbeat.
@@ -37,6 +40,7 @@ class SweepSpec:
     extend_edges: bool = False
     storage: str | None = None
     workers: int = 1
+    gpus: list | None = None
     poll_s: float = 5.0
     heartbeat_s: float = 30.0
     stale_after_s: float = 600.0

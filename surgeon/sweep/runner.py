@@ -21,6 +21,7 @@ trial is owned, found abandoned and resumed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,10 +41,12 @@ from rich.markup import escape
 
 from surgeon.apply import apply_recipe, prepare
 from surgeon.errors import UserError
+from surgeon.gpus import parse_gpus, pinned_env
 from surgeon.io import read_json, write_json
 from surgeon.merge_run import merge_run
 from surgeon.recipe import load_recipe
-from surgeon.rundir import dataset_short_name, merged_kind, read_run_recipe, recipe_differences
+from surgeon.rundir import (dataset_short_name, merged_kind, read_run_recipe, recipe_differences, with_added_keys,
+                            without_added_defaults)
 from surgeon.runload import load_run_recipe
 from surgeon.sweep import space
 from surgeon.sweep import study as st
@@ -469,7 +472,7 @@ class _Worker:
             old = read_run_recipe(run_dir)
         except UserError:
             old = None
-        diffs = [] if old is None else [d for d in recipe_differences(old, expected.to_dict())
+        diffs = [] if old is None else [d for d in recipe_differences(with_added_keys(old), expected.to_dict())
                                         if not d.startswith("model.num_classes")]
         if old is not None and not diffs:
             return
@@ -744,12 +747,13 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
                  overrides: list[str] | None = None, sampler: str | None = None, trials: int | None = None,
                  seeds=None, workers: int = 1, storage: str | None = None, study: str | None = None,
                  prune: bool = False, extend_edges: bool = False, out: str | Path | None = None,
-                 **timing) -> SweepSpec:
+                 gpus: str | list | None = None, **timing) -> SweepSpec:
     """Check everything a sweep is given and build its :class:`SweepSpec`; nothing trains.
 
     Raises:
         UserError: Optuna missing, a bad grid (every problem listed), a recipe that does not
-            load, inconsistent options, or an output directory that holds another sweep.
+            load, inconsistent options (``gpus``: see :func:`surgeon.gpus.parse_gpus`), or an
+            output directory that holds another sweep.
     """
     st.import_optuna()
     grid, grid_problems = space.parse_grid_problems(grid)
@@ -774,18 +778,23 @@ def prepare_spec(recipe: str, *, grid, data: str | None = None, model: str | Non
                             hint=f"use --trials {n_grid} or fewer (or the grid sampler to run them all)")
     if workers < 1:
         raise UserError(f"--workers {workers}: expected 1 or more", where="--workers")
+    gpu_values = None
+    if gpus is not None:
+        gpu_values = parse_gpus(gpus if isinstance(gpus, str) else ",".join(str(g) for g in gpus), workers=workers)
+        workers = len(gpu_values)
     base = load_recipe(recipe, overrides, model=model, data=data)  # the recipe itself must load first
     space.validate_grid(recipe, grid, model=model, data=data, overrides=overrides, problems=grid_problems)
     parsed = parse_seeds(seeds)
     seed_list = parsed if parsed is not None else [base.train.seed]
     # The sweep's identity: the resolved recipe (as written: relative paths stay relative, so
     # the same command on several machines names the same study), the grid and the sampler.
-    digest = _hash({"recipe": base.to_dict(), "grid": grid, "sampler": sampler})
+    # (Keys added to recipes since, at their old value, are left out: the same sweep keeps its name.)
+    digest = _hash({"recipe": without_added_defaults(base.to_dict()), "grid": grid, "sampler": sampler})
     name = f"{base.name}-{dataset_short_name(base.data.source)}-{digest}"
     spec = SweepSpec(recipe=recipe, grid=grid, out=str(Path(out) if out else Path("runs") / "sweeps" / name),
                      study=study or name, digest=digest, model=model, data=data, overrides=overrides,
                      sampler=sampler, trials=trials, seeds=seed_list, prune=prune, extend_edges=extend_edges,
-                     storage=storage, workers=workers, sampler_seed=base.train.seed, **timing)
+                     storage=storage, workers=workers, gpus=gpu_values, sampler_seed=base.train.seed, **timing)
     _check_sweep_dir(spec)
     return spec
 
@@ -860,7 +869,7 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
               overrides: list[str] | None = None, sampler: str | None = None, trials: int | None = None,
               seeds=None, workers: int = 1, storage: str | None = None, study: str | None = None,
               prune: bool = False, extend_edges: bool = False, out: str | Path | None = None,
-              console: Console | None = None, report: bool = True,
+              console: Console | None = None, report: bool = True, gpus: str | list | None = None,
               **timing) -> SweepResult:
     """Run (or continue) a sweep and its final runs; write ``OUT/report.md``/``.html`` and ``result.json``.
 
@@ -882,6 +891,8 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
         extend_edges: extend numeric keys whose best value is on the edge of their grid.
         out: the sweep directory (default ``runs/sweeps/<recipe>-<data>-<hash>``).
         report: write the report (md, html, plot, result.json).
+        gpus: ``"0,1,2,3"`` (or ``[0, 1, 2, 3]``): one worker process per GPU, each seeing only
+            its GPU (``CUDA_VISIBLE_DEVICES``); replaces ``workers``. This process only waits.
         timing: ``poll_s`` / ``heartbeat_s`` / ``stale_after_s`` of :class:`SweepSpec` (seconds).
 
     Returns:
@@ -890,7 +901,7 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     spec = prepare_spec(recipe, grid=grid, data=data, model=model, overrides=overrides, sampler=sampler,
                         trials=trials, seeds=seeds, workers=workers, storage=storage, study=study, prune=prune,
-                        extend_edges=extend_edges, out=out, **timing)
+                        extend_edges=extend_edges, out=out, gpus=gpus, **timing)
     root = Path(spec.out)
     worker = _Worker(spec, index=0, console=console)
     if not _finished(worker):
@@ -900,23 +911,31 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
     what = "grid configurations" if spec.sampler == "grid" else "TPE trials"
     console.print(f"sweep {spec.study}: {n} {what} (protocol tune), then {len(spec.seeds)} final run(s) "
                   f"(protocol final); storage {worker.storage_text}; "
-                  f"{spec.workers} worker(s) -> {root}", markup=False)
+                  f"{spec.workers} worker(s)"
+                  + (f" on GPU {','.join(spec.gpus)}" if spec.gpus else "") + f" -> {root}", markup=False)
     procs = []
     log_file = None
-    if spec.workers > 1:
+    if spec.workers > 1 or spec.gpus:
         ctx = multiprocessing.get_context("spawn")
         logs = root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log_file = open(logs / "worker0.log", "a", encoding="utf-8")
-        worker.train_console = Console(file=log_file, highlight=False, soft_wrap=True, width=160)
-        for k in range(1, spec.workers):
-            p = ctx.Process(target=_worker_process, args=(asdict(spec), k, str(logs / f"worker{k}.log")),
-                            name=f"surgeon-sweep-w{k}")
-            p.start()
+        if not spec.gpus:
+            log_file = open(logs / "worker0.log", "a", encoding="utf-8")
+            worker.train_console = Console(file=log_file, highlight=False, soft_wrap=True, width=160)
+        # With --gpus every worker is spawned, each seeing one GPU (this process may already
+        # have initialised CUDA, whose device list is then fixed); without, worker 0 is this process.
+        for k in range(0 if spec.gpus else 1, spec.workers):
+            with pinned_env(spec.gpus[k]) if spec.gpus else contextlib.nullcontext():
+                p = ctx.Process(target=_worker_process, args=(asdict(spec), k, str(logs / f"worker{k}.log")),
+                                name=f"surgeon-sweep-w{k}")
+                p.start()
             procs.append(p)
-        console.print(f"training logs: {logs}/worker<k>.log", markup=False)
+        console.print(f"training logs: {logs}/worker<k>.log"
+                      + (" (worker k on GPU " + ", ".join(f"{k}:{g}" for k, g in enumerate(spec.gpus)) + ")"
+                         if spec.gpus else ""), markup=False)
     try:
-        worker.run()
+        if not spec.gpus:
+            worker.run()
     except BaseException:
         for p in procs:
             if p.is_alive():
@@ -931,6 +950,11 @@ def run_sweep(recipe: str, *, grid, data: str | None = None, model: str | None =
         if p.exitcode not in (0, None):
             console.print(f"warning: worker {p.name} exited with code {p.exitcode} (its trials were taken over)",
                           markup=False)
+    if spec.gpus and all(p.exitcode != 0 for p in procs):
+        # A worker returns only once every trial is done: none did, so the sweep is not finished.
+        raise UserError(f"every GPU worker of the sweep stopped before it finished (exit codes "
+                        f"{', '.join(str(p.exitcode) for p in procs)})", where=str(root / "logs"),
+                        hint="see the errors above and the logs; run the same command again to continue")
     result = build_result(spec, worker)
     if report:
         result.report = write_sweep_report(result)

@@ -64,6 +64,16 @@ def evaluate(model: nn.Module, loader, *, mode: str = "merge", expert: int = 0, 
         num_classes: K (sizes the per-class table).
         precision: ``fp32`` | ``bf16`` | ``fp16`` autocast.
     """
+    labels, preds, loss_sum = predictions(model, loader, mode=mode, expert=expert, merge_mode=merge_mode,
+                                          precision=precision)
+    return summarize(labels, preds, loss_sum, num_classes=num_classes, class_names=class_names, inference=mode)
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, loader, *, mode: str = "merge", expert: int = 0, merge_mode: str = "average",
+                precision: str = "fp32") -> tuple[list[int], list[int], float]:
+    """Labels, top-1 predictions (per item, loader order) and the summed cross-entropy (nats)
+    of ``model`` on ``loader`` under inference ``mode`` (arguments as :func:`evaluate`)."""
     if mode not in INFERENCE_MODES:
         raise ValueError(f"unknown inference mode {mode!r}")
     device = next(model.parameters()).device
@@ -78,6 +88,12 @@ def evaluate(model: nn.Module, loader, *, mode: str = "merge", expert: int = 0, 
             loss_sum += F.cross_entropy(z, y, reduction="sum").item()
             labels += y.tolist()
             preds += z.argmax(dim=-1).tolist()
+    return labels, preds, loss_sum
+
+
+def summarize(labels: list[int], preds: list[int], loss_sum: float, *, num_classes: int,
+              class_names: list[str] | None = None, inference: str = "merge") -> EvalResult:
+    """The :class:`EvalResult` of per-item ``labels``/``preds`` and a summed loss (nats)."""
     n = len(labels)
     correct = sum(int(a == b) for a, b in zip(labels, preds))
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -88,4 +104,4 @@ def evaluate(model: nn.Module, loader, *, mode: str = "merge", expert: int = 0, 
         per_class.append({"class": names[k] if k < len(names) else str(k), "index": k, "n": len(idx),
                           "top1": 100.0 * hit / len(idx) if idx else None})
     return EvalResult(top1=100.0 * correct / n if n else math.nan, loss=loss_sum / n if n else math.nan, n=n,
-                      inference=mode, labels=labels, preds=preds, per_class=per_class)
+                      inference=inference, labels=labels, preds=preds, per_class=per_class)

@@ -104,7 +104,8 @@ class Objective:
         model: the patched model (its ``surgeon_sampler`` is used for the batched variant).
         reg_cfg: the recipe's typed ``regularizers`` section.
 
-    Call ``objective(model, x, y)`` with ``x [B, C, H, W]``, ``y [B]``; returns a dict of scalar
+    Call ``objective(model, x, y)`` with ``x [B, C, H, W]``, ``y [B]`` (``model`` may be the
+    DistributedDataParallel around the model given here); returns a dict of scalar
     tensors ``loss`` (to backpropagate), ``ce``, ``consistency``, ``alignment`` (the unweighted
     terms; 0 when off).
     """
@@ -149,7 +150,9 @@ class Objective:
             ce = F.cross_entropy(logits.float(), y)
             return {"loss": ce, "ce": ce, "consistency": zero, "alignment": zero}
         if self.batched:
-            with expert_groups(model, 2):
+            # The sampler lives on the model itself, not on a DistributedDataParallel around it.
+            core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            with expert_groups(core, 2):
                 logits, feats = self._forward(model, torch.cat([x, x]))
             z1, z2 = logits.chunk(2)
             f1 = [f.chunk(2)[0] for f in feats]

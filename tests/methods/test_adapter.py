@@ -368,3 +368,44 @@ def test_shipped_recipes_count_the_adapter_norm():
         r = surgeon.load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
         model = create_backbone(r.model, weights=False, device="meta")
         assert apply_surgery(model, r.surgery, probe=False).extra_params == expected, recipe
+
+
+# --------------------------------------------------------------------------- expert similarity
+
+def test_mosa_expert_similarity_compares_the_experts_deltas():
+    """Per adapter: cosine similarity of each expert's delta from the dense init — D ⊙ M_i on its
+    own entries, (c - 1)·W0 on the others' under decay toward_zero, and its own bias delta."""
+    from surgeon.methods.adapter.similarity import adapter_expert_similarity
+
+    model = build("mosa_flat", "vit")  # down and up split, per-expert biases, decay toward_zero
+    perturb(model)
+    with torch.no_grad():
+        for layer in adapters(model):
+            for m in (layer.down, layer.up):
+                m.copy_decay.fill_(0.9)
+    result = adapter_expert_similarity(model)
+    assert set(result["layers"]) == {"blocks.0.mlp", "blocks.1.mlp"}
+    layer = model.blocks[1].mlp
+    n = layer.num_experts
+    flat = []
+    for i in range(n):
+        parts = []
+        for m in (layer.down, layer.up):
+            parts.append(torch.where(m.expert_index == i, m.delta, (0.9 - 1) * m.weight0).flatten())
+            parts.append(m.bias_delta[i])
+        flat.append(torch.cat(parts).double())
+    flat = torch.stack(flat)
+    expected = torch.nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1).float()
+    torch.testing.assert_close(result["matrices"]["blocks.1.mlp"], expected, atol=1e-6, rtol=0)
+    off = expected[~torch.eye(n, dtype=torch.bool)].mean().item()
+    assert result["layers"]["blocks.1.mlp"] == pytest.approx(off, abs=1e-6)
+    assert result["mean"] == pytest.approx(sum(result["layers"].values()) / 2)
+
+    # Hierarchical MoSA with one shared bias: only the up-projection (init 0) is split, and the
+    # masks are disjoint, so the experts' deltas are exactly orthogonal.
+    hier = build("mosa_hier", "vit", **{"surgery.0.experts.bias": "dense"})
+    perturb(hier)
+    sims = adapter_expert_similarity(hier)
+    assert all(v == 0.0 for v in sims["layers"].values()) and sims["mean"] == 0.0
+    assert all(torch.equal(m, torch.eye(m.shape[0])) for m in sims["matrices"].values())
+    assert adapter_expert_similarity(build("adaptformer", "vit"))["mean"] is None  # no experts

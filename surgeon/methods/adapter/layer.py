@@ -219,6 +219,7 @@ class AdapterLayer(_AdapterForward):
             self.scale = nn.Parameter(torch.tensor(float(scale)))
         else:
             self.scale = float(scale)
+        self.initial_scale = float(scale)  # what describe() shows of a scale built on the meta device
         self.label = label
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +241,8 @@ class AdapterLayer(_AdapterForward):
         if not isinstance(self.norm, nn.Identity):
             parts.append("LN")
         learnable = isinstance(self.scale, nn.Parameter)
-        parts.append(f"{self.activation}, s={float(self.scale.detach()) if learnable else self.scale:g}"
+        value = self.scale if not learnable else self.initial_scale if self.scale.is_meta else float(self.scale.detach())
+        parts.append(f"{self.activation}, s={value:g}"
                      + (" learnable" if learnable else ""))
         if isinstance(self.dropout, nn.Dropout):
             parts.append(f"dropout {self.dropout.p:g}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from surgeon.methods.lora.spec import SCHEMA as LORA_SCHEMA
 from surgeon.methods.registry import MethodSpec, Rule, fmt_number
 
 
@@ -24,6 +25,9 @@ class DoraConfig:
     slices: tuple[str, ...] | None
 
 
+# DoRA's hyper-parameters are LoRA's (rank, alpha, dropout, slices): one definition, with the
+# descriptions that differ restated.
+_LORA_PROPERTIES = LORA_SCHEMA["properties"]
 SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -35,18 +39,9 @@ SCHEMA = {
         "merge."
     ),
     "properties": {
-        "rank": {"type": "integer", "minimum": 1, "default": 16, "description": "r."},
-        "alpha": {
-            "type": ["number", "null"],
-            "exclusiveMinimum": 0,
-            "default": None,
-            "description": "Scale numerator; null = rank (scale 1).",
-        },
+        **_LORA_PROPERTIES,
         "dropout": {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMaximum": 1,
-            "default": 0.0,
+            **_LORA_PROPERTIES["dropout"],
             "description": (
                 "Dropout on the input of the DoRA update (training only; as PEFT, the rescaled base term then "
                 "reads the dropped input too). Not applied where a parent reads the weight directly "
@@ -54,11 +49,7 @@ SCHEMA = {
             ),
         },
         "slices": {
-            "type": ["array", "null"],
-            "items": {"type": "string", "enum": ["q", "k", "v"]},
-            "uniqueItems": True,
-            "minItems": 1,
-            "default": None,
+            **_LORA_PROPERTIES["slices"],
             "description": (
                 "On a fused qkv Linear, adapt only these thirds of the output (e.g. [q, v]), each with its own A, "
                 "B and magnitudes; null = the whole layer."

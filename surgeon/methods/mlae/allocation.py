@@ -91,12 +91,13 @@ def pattern_counts(pattern: str, num_layers: int, mean_experts: int,
 def random_counts(num_layers: int, mean_experts: int, generator: torch.Generator | None) -> list[int]:
     """Integers in ``[1, ceil(7E/4)]`` with mean exactly E: uniform draws, then ±1 repairs at random layers."""
     low, high = 1, max(1, math.ceil(7 * mean_experts / 4))
-    counts = torch.randint(low, high + 1, (num_layers,), generator=generator).tolist()
+    # device="cpu" (the generator's): the counts are needed as numbers even in a meta-device build.
+    counts = torch.randint(low, high + 1, (num_layers,), generator=generator, device="cpu").tolist()
     target = num_layers * mean_experts
     while sum(counts) != target:
         step = 1 if sum(counts) < target else -1
         movable = [i for i, c in enumerate(counts) if low <= c + step <= high]
-        pick = movable[int(torch.randint(len(movable), (1,), generator=generator))]
+        pick = movable[int(torch.randint(len(movable), (1,), generator=generator, device="cpu"))]
         counts[pick] += step
     return counts
 
