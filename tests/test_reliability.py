@@ -211,7 +211,7 @@ def test_yaml_merge_keys_with_override(write):
     ("surgery.0.mlae.masking.p=1.5", "masking.p: 1.5 is greater than or equal to the maximum of 1"),
     ("surgery.0.mlae.masking.p=[0.1, 1.5]", "masking.p.1: 1.5 is greater than or equal to the maximum of 1"),
     ("surgery.0.mlae.masking.p=abc", "'abc' is not accepted here: expected a number or a list of numbers"),
-    ("surgery.0.target=3", "3 is not accepted here: expected a string or a list of strings"),
+    ("surgery.0.target=3", "3 is not accepted here: expected a string, a list of strings or a mapping"),
 ])
 def test_scalar_or_list_fields_say_what_is_accepted(override, needle):
     with pytest.raises(RecipeError) as exc:
