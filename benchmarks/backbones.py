@@ -80,7 +80,8 @@ def family_models() -> dict[str, list[str]]:
 
     families: dict[str, list[str]] = defaultdict(list)
     for name in timm.list_models():
-        families[_registry._model_to_module[name]].append(name)
+        if _registry._model_entrypoints[name].__module__.startswith("timm."):  # not models others register
+            families[_registry._model_to_module[name]].append(name)
     return dict(sorted(families.items()))
 
 
