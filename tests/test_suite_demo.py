@@ -95,3 +95,17 @@ def test_demo_quick_end_to_end(cli, tmp_path):
     mtime = (cells[0].run_dir / "summary.json").stat().st_mtime
     res = cli("demo", "--quick", "--out", out)
     assert res.code == 0 and (cells[0].run_dir / "summary.json").stat().st_mtime == mtime
+
+
+def test_demo_trains_the_tuned_reproduction_cells(tmp_path):
+    """The demo's two runs are cpu_tuned's seed-0 digits cells at each method's chosen lr: same
+    schedule and settings, only the lr pinned (docs/reproduction.md)."""
+    demo = load_suite(builtin_suite("demo"))
+    tuned = load_suite(builtin_suite("cpu_tuned"))
+    assert demo["set"] == tuned["set"]
+    assert demo["model"] == tuned["model"]
+    for recipe in demo["recipes"]:
+        pinned = dict(demo["recipe_set"][recipe])
+        assert "train.base_lr" in pinned
+        pinned.pop("train.base_lr")
+        assert pinned == dict(tuned["recipe_set"][recipe])

@@ -29,7 +29,7 @@ def test_suite_set_override_changes_one_key_only(tmp_path):
     demo = load_suite(builtin_suite("demo"), ["set.train.epochs=1", "set.train.max_steps=3"])
     cell = suite_cells(demo, tmp_path)[0]
     train = load_recipe(cell.recipe, cell.overrides).train
-    assert (train.epochs, train.max_steps, train.batch_size, train.base_lr) == (1, 3, 32, 5e-3)
+    assert (train.epochs, train.max_steps, train.batch_size, train.base_lr) == (1, 3, 32, 1e-2)  # recipe_set kept
 
 
 def _suite(tmp_path: Path, **sweep) -> Path:
