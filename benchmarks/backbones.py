@@ -59,7 +59,7 @@ from surgeon.errors import UserError  # noqa: E402
 from surgeon.methods.base import get_method  # noqa: E402
 from surgeon.recipe import section  # noqa: E402
 from surgeon.surgery import apply_surgery, merge  # noqa: E402
-from surgeon.surgery.conventions import FAMILIES  # noqa: E402
+from surgeon.anatomy.conventions import FAMILIES  # noqa: E402
 from surgeon.train.schedule import build_optimizer  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "backbones_smallest.json"
@@ -347,7 +347,7 @@ def render(results: list[dict], recipes: list[str], seconds: float, workers: int
         "all of these hold, **– refuses** when surgeon declines with a reason (below), **✗ fails** otherwise:",
         "",
         "1. *resolves*: the recipe's targets resolve on the model (semantic targets such as `{attention: [q, v]}`",
-        "   through the family conventions and the structural fallback, `surgeon/surgery/anatomy.py`);",
+        "   through the family conventions and the structural fallback, `surgeon/anatomy/structure.py`);",
         "2. *meta*: `surgeon.build_model(recipe, device=\"meta\")` builds and probes it (what `surgeon plan` does);",
         "3. *trains*: on CPU at a tiny input size (column `px`), two steps of the recipe's optimizer at its peak",
         "   learning rate on a random batch of 2 change the eval output (BatchNorm statistics restored first);",

@@ -18,7 +18,7 @@ LAYERS = [
     ("recipe", ["surgeon.recipe", "surgeon.recipe.*", "surgeon.methods", "surgeon.methods.registry",
                 "surgeon.methods.modes", "surgeon.methods.modifiers", "surgeon.methods.targets",
                 "surgeon.methods.*.spec"]),
-    ("model", ["surgeon.methods.*", "surgeon.backbone", "surgeon.weights", "surgeon.surgery", "surgeon.surgery.*",
+    ("model", ["surgeon.anatomy", "surgeon.anatomy.*", "surgeon.methods.*", "surgeon.backbone", "surgeon.weights", "surgeon.surgery", "surgeon.surgery.*",
                "surgeon.model"]),
     ("data", ["surgeon.data", "surgeon.data.*", "surgeon.builtin.datasets", "surgeon.builtin.fractal"]),
     ("train", ["surgeon.train", "surgeon.train.*", "surgeon.builtin.pretrain"]),

@@ -14,8 +14,8 @@ import torch.nn as nn
 import surgeon
 from surgeon.errors import RecipeError
 from surgeon.methods.targets import SemanticTarget, build_target
-from surgeon.surgery.anatomy import anatomy, norm_before
-from surgeon.surgery.conventions import FAMILIES, FUSED_LAYOUTS, class_key, fused_layout
+from surgeon.anatomy.structure import anatomy, norm_before
+from surgeon.anatomy.conventions import FAMILIES, FUSED_LAYOUTS, class_key, fused_layout
 from surgeon.surgery.targets import TargetError, describe_matches, resolve_target
 
 from .helpers import ROOT

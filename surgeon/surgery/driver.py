@@ -21,7 +21,7 @@ from surgeon.methods.modes import MERGE_MODES
 from surgeon.methods.registry import Rule
 from surgeon.methods.targets import SemanticTarget, target_text
 
-from .anatomy import anatomy
+from surgeon.anatomy import anatomy
 from .selectors import select_modules
 from .targets import Match, TargetError, describe_matches, resolve_target
 

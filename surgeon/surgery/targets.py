@@ -1,7 +1,7 @@
 """Resolving a rule's target against a model: selectors by name, semantic targets by anatomy.
 
 :func:`resolve_target` turns a :class:`~surgeon.methods.targets.SemanticTarget` into the
-modules it means in this model (:mod:`surgeon.surgery.anatomy`), each with the output rows
+modules it means in this model (:mod:`surgeon.anatomy.structure`), each with the output rows
 to adapt when it is a part of a fused projection (``{attention: [q, v]}`` on ViT's fused
 ``qkv`` = its first and last thirds; on PVTv2 = the whole ``q`` and the second half of
 ``kv``). When the model has nothing of what the target names, the error says why, in one
@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from surgeon.methods.targets import SemanticTarget
 
-from .anatomy import Anatomy, Site, anatomy
-from .conventions import Layout, family
+from surgeon.anatomy import Anatomy, Site, anatomy
+from surgeon.anatomy.conventions import Layout, family
 
 
 @dataclass

@@ -17,7 +17,7 @@ from surgeon.methods.base import Method, PatchContext
 from surgeon.methods.matrices import kaiming_uniform, make_matrix
 from surgeon.methods.modifiers import is_expert_split
 from surgeon.methods.registry import Rule
-from surgeon.surgery.anatomy import norm_before
+from surgeon.anatomy.structure import norm_before
 
 from .layer import AdapterLayer, MergedAdapter, PrunedLayerNorm, module_io
 

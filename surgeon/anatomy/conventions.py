@@ -1,6 +1,6 @@
 """The table of timm family conventions that semantic targets resolve through.
 
-Most of a backbone's anatomy is found by structure (:mod:`surgeon.surgery.anatomy`): an
+Most of a backbone's anatomy is found by structure (:mod:`surgeon.anatomy.structure`): an
 attention is a module that owns query/key/value projections, an MLP a feed-forward module of a
 block, a block a repeated unit of a stage. What structure cannot tell is written here, per timm
 family (the ``timm.models`` module that defines the architecture) or per attention class:

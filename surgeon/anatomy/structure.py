@@ -6,7 +6,7 @@ structure, for semantic targets (:mod:`surgeon.surgery.targets`).
   and a fused ``kv`` (PVTv2, Twins) — or whose class is an attention and owns any of them.
   A projection child may wrap its layer (LeViT's ``LinearNorm`` = Linear + BatchNorm, a
   ``ConvNorm``, a ``Sequential``): the layer is the one Linear / ungrouped Conv2d inside it.
-  Where q, k, v sit in a fused layer's rows is :func:`surgeon.surgery.conventions.fused_layout`;
+  Where q, k, v sit in a fused layer's rows is :func:`surgeon.anatomy.conventions.fused_layout`;
 - **MLP**: a feed-forward module of a block — its class is an ``Mlp``/``FFN``/``FeedForward``, or
   it is a block's child called ``mlp``/``ffn``/``channel_mixer``/... — not inside an attention,
   not the classifier head; ``fc1`` are its input layers (both halves of a gated MLP), ``fc2``
