@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import surgeon.builtin.models  # noqa: F401 - registers the built-in backbones (fractal_vit_tiny) with timm
+from surgeon.builtin import BUILTIN_BACKBONES
 from surgeon.config import plain
 from surgeon.errors import UserError
 from surgeon.recipe.sections import DropoutConfig, ModelConfig
@@ -93,8 +94,8 @@ def resolve_model_name(model_cfg: ModelConfig) -> tuple[str, str | None]:
     name = model_cfg.name
     tags = model_cfg.tag or []
     tags = [tags] if isinstance(tags, str) else list(tags)
-    if "." in name or not tags or not timm.is_model(name):
-        return name, None
+    if "." in name or not tags or not timm.is_model(name) or name in BUILTIN_BACKBONES:
+        return name, None  # surgeon's built-in backbones have one set of weights: no tag to prefer
     available = {n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*")}
     for tag in tags:
         if tag in available:

@@ -247,3 +247,14 @@ def test_missing_or_late_sibling_is_a_located_recipe_error():
     with pytest.raises(RecipeError, match=r"--set surgery\.0\.target=.*: surgery\.0\.target: .*did not run before it"):
         build(**{"surgery.0.target": "blocks.*.mlp.fc1", "surgery.0.adapter.placement": "parallel",
                  "surgery.0.adapter.input_from": ["norm2", "norm"]})
+
+
+def test_builtin_backbone_has_no_tag_notice():
+    """`--model fractal_vit_tiny` with a paper recipe (model.tag orig_in21k): the built-in backbone
+    has one set of weights, so no 'none of the pretrained tags' notice (README's first run)."""
+    from surgeon.backbone import resolve_model_name
+    from surgeon.recipe import load_recipe
+
+    recipe = load_recipe("adaptformer", ["model.name=fractal_vit_tiny"])
+    assert recipe.model.tag
+    assert resolve_model_name(recipe.model) == ("fractal_vit_tiny", None)
