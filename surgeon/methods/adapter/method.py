@@ -13,11 +13,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from surgeon.anatomy import norm_before
 from surgeon.methods.base import Method, PatchContext
 from surgeon.methods.matrices import kaiming_uniform, make_matrix
 from surgeon.methods.modifiers import is_expert_split
 from surgeon.methods.registry import Rule
-from surgeon.anatomy.structure import norm_before
 
 from .layer import AdapterLayer, MergedAdapter, PrunedLayerNorm, module_io
 
