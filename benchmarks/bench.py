@@ -67,6 +67,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import surgeon  # noqa: E402
 from surgeon.methods.base import SurgeryLayer  # noqa: E402
+from surgeon.train.provenance import cpu_name  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 NUM_CLASSES = 10
@@ -690,7 +691,7 @@ def main(argv=None) -> int:
         peft_version = None
     header = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {_cpu_model()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {cpu_name()}",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "threads": torch.get_num_threads(), "clock": clock,
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
@@ -789,16 +790,6 @@ def _loadavg() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _cell(r: Ratio | None) -> str:

@@ -127,6 +127,17 @@ class SurgeryLayer(nn.Module):
         self.base_layer = base_layer
         self.probe_hits = 0  # incremented by the driver's probe; plain int, not state
 
+    def __getattr__(self, name: str):
+        # Parents may read plain attributes of the wrapped module (a Linear's in_features, Hiera's
+        # attn.q_stride, attn.num_heads): the wrapper answers with the base module's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Never for a weight: a parent computing with the base weight would bypass the surgery.
+            if name in ("base_layer", "weight", "bias"):
+                raise
+            return getattr(self.base_layer, name)
+
     def extra_params(self) -> int:
         """Trainable parameters added by this layer, as the papers count them ("Params (M)")."""
         raise NotImplementedError

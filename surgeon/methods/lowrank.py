@@ -500,16 +500,6 @@ class LowRankLayer(SurgeryLayer):
         """The base layer's bias (low-rank methods leave it unchanged)."""
         return self.base_layer.bias
 
-    def __getattr__(self, name: str):
-        # Parents may read plain attributes of the wrapped layer (in_features, kernel_size, ...).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Never fall back for the delta's own names: a silent base weight would undo the surgery.
-            if name in ("base_layer", "weight", "bias"):
-                raise
-            return getattr(self.base_layer, name)
-
     # ------------------------------------------------------------------ SurgeryLayer API
     def extra_params(self) -> int:
         count = sum(m.extra_params() for m in self.down.values()) + sum(m.extra_params() for m in self.up.values())

@@ -60,7 +60,8 @@ def git_state(path: str | Path) -> dict | None:
     return state
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -110,7 +111,7 @@ def environment(device: torch.device, recipe_source: str | None, world: dict | N
     recipe = None
     if recipe_source and recipe_source != "<dict>":
         recipe = {"path": str(Path(recipe_source).resolve()), "git": git_state(recipe_source)}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "surgeon": VERSION,
         "torch": torch.__version__,

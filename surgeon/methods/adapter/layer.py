@@ -126,17 +126,6 @@ class _AdapterForward(SurgeryLayer):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __getattr__(self, name: str):
-        # Blocks may read plain attributes of the wrapped module (Hiera's block reads
-        # attn.q_stride, others attn.num_heads): the wrapper answers with the base module's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Never for a weight: a parent computing with the base weight would bypass the adapter.
-            if name in ("base_layer", "weight", "bias"):
-                raise
-            return getattr(self.base_layer, name)
-
     def read_input_of(self, name: str | None, module: nn.Module | None) -> None:
         """Read the adapter's input from ``module`` (a sibling of the wrapped module, e.g. the
         block's ``norm2`` in front of its ``mlp``) instead of the wrapped module's own input.
