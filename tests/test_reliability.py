@@ -205,6 +205,21 @@ def test_yaml_merge_keys_with_override(write):
     assert data["c"] == {"x": 1, "y": 3}  # of several merged mappings the first wins; own keys win over all
     with pytest.raises(UserError, match="duplicate key 'x'"):
         parse_yaml_text("c: {<<: {x: 1}, x: 2, x: 3}\n", "f")
+    # a merged mapping's own merges resolve first: its own key beats what it merged
+    data, _ = parse_yaml_text("a: &a {x: 1, y: 1}\nb: &b {<<: *a, x: 2}\nc: {<<: [*b, *a]}\n", "f")
+    assert data["c"] == {"x": 2, "y": 1}
+
+
+def test_yaml_merge_keys_cannot_loop_or_explode():
+    with pytest.raises(UserError, match="merges itself"):
+        parse_yaml_text("a: &a {x: 1, <<: *a}\n", "f")
+    with pytest.raises(UserError, match="takes a mapping or a list of mappings"):
+        parse_yaml_text("a: {<<: [1, 2]}\n", "f")
+    # ten levels, each merging the one below ten times: resolved once per node, not 10**10 times
+    levels = ["l0: &l0 {x: 0}"] + [f"l{i}: &l{i} {{<<: [{', '.join([f'*l{i - 1}'] * 10)}], k{i}: {i}}}"
+                                   for i in range(1, 11)]
+    data, _ = parse_yaml_text("\n".join(levels) + "\n", "f")
+    assert data["l10"] == {"x": 0, **{f"k{i}": i for i in range(1, 11)}}
 
 
 @pytest.mark.parametrize("override,needle", [

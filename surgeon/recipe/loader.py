@@ -24,6 +24,9 @@ MAX_EXTENDS_DEPTH = 16
 # without bound.
 MAX_DEPTH = 64
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_VALUE_TAG = "tag:yaml.org,2002:value"
+
 Path_ = tuple  # a field path such as ("surgery", 0, "adapter", "bottleneck")
 
 
@@ -74,6 +77,7 @@ class _Builder:
         self.count = 0
         self.origin: dict[Path_, str] = {}
         self._scalar = RecipeLoader("")  # only its scalar constructors are used
+        self._resolved: dict[int, list | None] = {}  # id(mapping node) -> its resolved pairs
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.count += 1
@@ -88,33 +92,65 @@ class _Builder:
                             hint="a recipe nests a few levels; remove the runaway brackets or indentation")
         self.origin[path] = _mark(self.file, node)
         if isinstance(node, yaml.MappingNode):
-            # `<<: *anchor` merge keys: PyYAML's flatten puts the merged pairs first, then the
-            # node's own. YAML's rule: an own key overrides a merged one, and of several merged
-            # mappings (`<<: [*a, *b]`) the first wins; an own key written twice is a mistake.
-            own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
-            self._scalar.flatten_mapping(node)
-            merged_count = len(node.value) - own
             out: dict = {}
-            written: set[str] = set()
-            for n, (key_node, value_node) in enumerate(node.value):
-                key = self._scalar.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-                if not isinstance(key, (str, int, float, bool)) or key is None:
-                    raise UserError("mapping keys must be plain scalars", where=_mark(self.file, key_node))
-                key = str(key)
-                if n >= merged_count:
-                    if key in written:
-                        raise UserError(f"duplicate key '{key}'", where=_mark(self.file, key_node),
-                                        hint="each key may appear once per mapping")
-                    written.add(key)
-                    for p in [p for p in self.origin if p[:len(path) + 1] == path + (key,)]:
-                        del self.origin[p]  # the merged value's locations give way to the own value's
-                elif key in out:
-                    continue
+            for key, value_node in self._mapping_pairs(node):
                 out[key] = self.build(value_node, path + (key,))
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
         return self._scalar.construct_object(node)
+
+    def _key(self, key_node: yaml.Node) -> str:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _VALUE_TAG:
+            return "="  # the `=` key, which PyYAML would otherwise refuse to construct
+        key = self._scalar.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise UserError("mapping keys must be plain scalars", where=_mark(self.file, key_node))
+        return str(key)
+
+    def _mapping_pairs(self, node: yaml.MappingNode) -> list[tuple[str, yaml.Node]]:
+        """(key, value node) pairs of a mapping with its ``<<`` merge keys resolved.
+
+        YAML's merge-key rule, written here because PyYAML's ``flatten_mapping`` orders
+        ``<<: [*a, *b]`` differently across releases (6.0.1 vs 6.0.4): an own key overrides a
+        merged one, of several merged mappings the first wins, and an own key written twice is
+        a mistake. Merged pairs come first, as PyYAML puts them. Each node is resolved once
+        (memoised), so nested merges cannot blow up, and a mapping merging itself is refused.
+        """
+        if id(node) in self._resolved:
+            pairs = self._resolved[id(node)]
+            if pairs is None:
+                raise UserError("a mapping merges itself (<<: through its own anchor)",
+                                where=_mark(self.file, node), hint="merge another anchor, not the enclosing one")
+            return pairs
+        self._resolved[id(node)] = None  # in progress: a cycle meets this marker
+        own: list[tuple[str, yaml.Node]] = []
+        merged: list[tuple[str, yaml.Node]] = []
+        own_keys: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                key = self._key(key_node)
+                if key in own_keys:
+                    raise UserError(f"duplicate key '{key}'", where=_mark(self.file, key_node),
+                                    hint="each key may appear once per mapping")
+                own_keys.add(key)
+                own.append((key, value_node))
+                continue
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise UserError("a merge key (<<) takes a mapping or a list of mappings",
+                                    where=_mark(self.file, source), hint="write `<<: *anchor` or `<<: [*a, *b]`")
+                merged.extend(self._mapping_pairs(source))
+        taken = set(own_keys)
+        pairs = []
+        for key, value_node in merged:
+            if key not in taken:
+                taken.add(key)
+                pairs.append((key, value_node))
+        pairs.extend(own)
+        self._resolved[id(node)] = pairs
+        return pairs
 
 
 def parse_yaml_text(text: str, file: str) -> tuple[Any, dict[Path_, str]]:
