@@ -15,6 +15,7 @@ from surgeon.apply import apply_recipe
 from surgeon.errors import UserError
 from surgeon.evaluate import eval_run
 from surgeon.gpus import parse_gpus, run_on_gpus
+from surgeon.io import write_json
 from surgeon.recipe import load_recipe
 from surgeon.recipe.loader import parse_override
 from surgeon.report import collect_runs, compare_runs
@@ -229,6 +230,15 @@ def chosen_table(suite: dict, jobs: dict):
                  ["l", "l", "l", "r", "l"], title="Hyper-parameters chosen by the sweeps", notes=notes)
 
 
+def _read_cache(path: Path) -> dict:
+    """A cell's cached inference scores; a missing or unreadable cache is recomputed, not fatal."""
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return scores if isinstance(scores, dict) else {}
+
+
 def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
     """Top-1 of each inference mechanism on every finished cell of ``recipes`` (cached per run):
     ``(recipe, mode, dataset, seed) -> top-1 (%)``."""
@@ -237,13 +247,13 @@ def _ablation(cells: list[Cell], recipes: list[str], console: Console) -> dict:
         if cell.recipe not in recipes or not cell_finished(cell.run_dir):
             continue
         cache = cell.run_dir / "inference_ablation.json"
-        scores = json.loads(cache.read_text()) if cache.is_file() else {}
+        scores = _read_cache(cache)
         for mode in ABLATION_MODES:
             if mode not in scores:
                 res, split, _ = eval_run(cell.run_dir, mode=mode)
                 scores[mode] = res.top1
                 console.print(f"  inference {mode:<10} {cell.label}: {res.top1:.1f}% ({split})", markup=False)
-        cache.write_text(json.dumps(scores, indent=2))
+        write_json(cache, scores)
         for mode in ABLATION_MODES:
             results[(cell.recipe, mode, _short(cell.dataset), cell.seed)] = scores[mode]
     return results

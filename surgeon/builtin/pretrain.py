@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from surgeon.builtin.datasets import builtin_info, builtin_split
 from surgeon.builtin.fractal import fractal_split
+from surgeon.io import write_text
 
 MODEL_NAME = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 6}
@@ -294,7 +295,7 @@ def pretrain_builtin(
     save_file(state, str(out_path), metadata={"surgeon_card": json.dumps(card)})
     out_path.chmod(0o644)  # safetensors writes 0600; a shipped package file must be world-readable
     card["wall_seconds"] = round(time.time() - t_start, 1)
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_text(card_path, json.dumps(card, indent=2) + "\n")
     say.line(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.1f} MB) and {card_path.name}: "
              f"held-out upstream acc {val_acc:.3f} after {card['pretraining']['epochs']} epochs, "
              f"{card['wall_seconds']:.0f} s")
@@ -443,5 +444,5 @@ def transfer_check(
     if update_card and card_path.is_file():
         card = json.loads(card_path.read_text())
         card["transfer"] = results
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        write_text(card_path, json.dumps(card, indent=2) + "\n")
     return results

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from surgeon.io import write_text
 from surgeon.resources import schema_path
 
 from .schema import recipe_schema
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: python -m surgeon.recipe.schema_gen [--check]", file=sys.stderr)
         return 2
-    path.write_text(text, encoding="utf-8")
+    write_text(path, text)
     print(path)
     return 0
 

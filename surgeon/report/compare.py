@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure as MplFigure
 
 from surgeon.errors import UserError
+from surgeon.io import write_text
 
 from .document import Bullets, Figure, Heading, Paragraph, to_markdown
 from .html import to_html
@@ -389,10 +390,10 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, *, title: st
     if problems:
         blocks += [Heading("Problems found while reading the runs"), Bullets(problems)]
     md = out / "comparison.md"
-    md.write_text(to_markdown(blocks, out), encoding="utf-8")
-    (out / "comparison.html").write_text(to_html(blocks, title), encoding="utf-8")
-    (out / "comparison.csv").write_text(comparison_csv(comp), encoding="utf-8")
-    (out / "runs.csv").write_text(runs_csv(comp), encoding="utf-8")
+    write_text(md, to_markdown(blocks, out))
+    write_text(out / "comparison.html", to_html(blocks, title))
+    write_text(out / "comparison.csv", comparison_csv(comp))
+    write_text(out / "runs.csv", runs_csv(comp))
     return md
 
 

@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from surgeon.io import atomic_write
+
 from .runs import RunData
 
 DPI = 100
@@ -27,8 +29,11 @@ def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     # Every figure uses the constrained layout, so no bbox_inches="tight" (a second full draw).
-    # No software metadata: the same run gives byte-identical plots.
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    # No software metadata: the same run gives byte-identical plots. Written atomically, so an
+    # interrupted report leaves the previous figure; the format is named because the temporary
+    # file's name does not end in the path's suffix.
+    fmt = path.suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI, metadata={"Software": None}))
     return path
 
 

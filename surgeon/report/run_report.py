@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from surgeon.errors import UserError
+from surgeon.io import write_text
 from surgeon.methods import registry
 from surgeon.recipe import rule as typed_rule
 from surgeon.recipe.schema import valid_at
@@ -528,6 +529,6 @@ def write_report(run_dir: str | Path) -> Path:
         raise UserError(f"cannot write the report into {str(run.path)!r}: {exc.strerror}") from None
     blocks = report_blocks(run, plots_dir)
     md = run.path / "report.md"
-    md.write_text(to_markdown(blocks, run.path), encoding="utf-8")
-    (run.path / "report.html").write_text(to_html(blocks, f"surgeon report: {run.name}"), encoding="utf-8")
+    write_text(md, to_markdown(blocks, run.path))
+    write_text(run.path / "report.html", to_html(blocks, f"surgeon report: {run.name}"))
     return md

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure as MplFigure
 
-from surgeon.io import write_json
+from surgeon.io import write_json, write_text
 from surgeon.report.document import Bullets, Figure, Heading, Paragraph, to_markdown
 from surgeon.report.html import to_html
 from surgeon.report.plots import save_figure
@@ -230,8 +230,8 @@ def write_sweep_report(result: SweepResult) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     blocks = report_blocks(result, out)
     md = out / "report.md"
-    md.write_text(to_markdown(blocks, out), encoding="utf-8")
-    (out / "report.html").write_text(to_html(blocks, f"Sweep {result.study}"), encoding="utf-8")
+    write_text(md, to_markdown(blocks, out))
+    write_text(out / "report.html", to_html(blocks, f"Sweep {result.study}"))
     write_json(out / "result.json", result.to_json())
     return md
 
