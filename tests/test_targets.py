@@ -294,6 +294,26 @@ def test_refusal_is_a_located_recipe_error():
     assert "surgery.0.target" in str(exc.value) and "no attention in ConvNeXt" in str(exc.value)
 
 
+def test_a_union_target_half_missing_is_said_not_silently_dropped():
+    """Houlsby's `{attention: block, mlp: block}` on a CNN patches the MLP half; the user hears that the
+    attention half had nothing to patch (a warning at the rule, and `unmatched` in the plan)."""
+    from surgeon.errors import SurgeonWarning
+    recipe = surgeon.load_recipe(_recipe({"attention": "block", "mlp": "block"}, "adapter", {"bottleneck": 4},
+                                         model="convnext"))
+    with pytest.warns(SurgeonWarning, match=r"surgery\.0\.target|no attention in ConvNeXt") as record:
+        model = surgeon.build_model(recipe, weights=False, device="meta")
+    message = " ".join(str(w.message) for w in record if issubclass(w.category, SurgeonWarning))
+    assert "no attention in ConvNeXt" in message and "only the rest of the target is patched" in message
+    match = model.surgeon_plan.matches[0]
+    assert match["count"] > 0 and "mlp" in match["resolved"]
+    assert len(match["unmatched"]) == 1 and "no attention in ConvNeXt" in match["unmatched"][0]
+    with warnings.catch_warnings():  # both halves present (ViT): nothing to say
+        warnings.simplefilter("error", SurgeonWarning)
+        vit = surgeon.build_model(surgeon.load_recipe(_recipe({"attention": "block", "mlp": "block"}, "adapter",
+                                                              {"bottleneck": 4})), weights=False, device="meta")
+    assert "unmatched" not in vit.surgeon_plan.matches[0]
+
+
 def test_input_from_the_norm_in_front():
     """`input_from: {mlp: norm}` reads norm2's input on ViT (as [norm2, norm] does) and, on a
     post-norm SwinV2 block, the MLP's own input (the residual stream)."""

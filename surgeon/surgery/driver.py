@@ -8,6 +8,7 @@ rules and raised together, each at its recipe line.
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -15,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from surgeon.errors import RecipeError, UserError
+from surgeon.errors import RecipeError, SurgeonWarning, UserError
 from surgeon.methods.base import ExpertSampler, PatchContext, RuleContext, SurgeryLayer, get_method
 from surgeon.methods.modes import MERGE_MODES
 from surgeon.methods.registry import Rule
@@ -132,12 +133,14 @@ def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, see
     # the modules another rule targets.
     named = dict(model.named_modules())
     resolved: list[list[Match] | TargetError] = []
+    unmatched: list[list[str]] = []  # per rule: the parts of its target this backbone lacks
     anat = None
     for i, rule in enumerate(rules):
+        unmatched.append([])
         if isinstance(rule.target, SemanticTarget):
             anat = anat or anatomy(model)
             try:
-                resolved.append(resolve_target(model, rule.target, anat))
+                resolved.append(resolve_target(model, rule.target, anat, unmatched=unmatched[i]))
             except TargetError as exc:
                 resolved.append(exc)
         else:
@@ -160,6 +163,12 @@ def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, see
         entry = {"rule": i, "selector": sel, "method": name_shown, "count": len(found)}
         if isinstance(rule.target, SemanticTarget):
             entry["resolved"] = describe_matches(found)
+        if unmatched[i]:
+            # Part of a union target (Houlsby's attention + MLP on a CNN) has nothing to patch:
+            # the rest still applies, but the user must hear that half of it did not.
+            entry["unmatched"] = unmatched[i]
+            warnings.warn(f"{where}: target {sel}: {'; '.join(unmatched[i])}; only the rest of the target is "
+                          f"patched ({describe_matches(found)})", SurgeonWarning, stacklevel=2)
         plan_matches.append(entry)
         rows = {m.name: m.rows for m in found if m.rows}
         matches = [(m.name, m.module) for m in found]

@@ -119,8 +119,13 @@ def _mlp_matches(site: Site, want) -> list[Match]:
     return out
 
 
-def resolve_target(model: nn.Module, target: SemanticTarget, anat: Anatomy | None = None) -> list[Match]:
+def resolve_target(model: nn.Module, target: SemanticTarget, anat: Anatomy | None = None,
+                   unmatched: list[str] | None = None) -> list[Match]:
     """The modules ``target`` names in ``model`` (pristine), in model order, each once.
+
+    A target that names several parts (``{attention: block, mlp: block}``) resolves when one part
+    matches; the reason each other part matched nothing is appended to ``unmatched`` (if given),
+    so the caller can say that only part of the target was patched.
 
     Raises:
         TargetError: nothing matches (no attention in a CNN, no such blocks, ...), with the reason.
@@ -157,6 +162,8 @@ def resolve_target(model: nn.Module, target: SemanticTarget, anat: Anatomy | Non
             missing.append(f"{anat.family_name} ({_model_name(model)}) has no repeated blocks")
     if not found:
         raise TargetError("; ".join(missing))
+    if unmatched is not None:
+        unmatched.extend(missing)
 
     named = dict(model.named_modules())
     order = {n: i for i, n in enumerate(named)}
