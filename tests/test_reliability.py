@@ -813,7 +813,8 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_over(trained, tmp_p
 # default handler is back then) stalls once written to its temporary file, so the test can
 # interrupt the write itself.
 DRIVER = r"""
-import os, signal, sys, time
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks before killing a hung run
 import torch
 real = torch.save
 def save(obj, f, *args, **kwargs):
@@ -843,7 +844,10 @@ class _Cli:
                                           **(env or {})})
         self.lines: queue.Queue = queue.Queue()
         self.err: list[str] = []
+        self.out: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
+        # stdout is drained too: a full pipe would block the run's prints and look like a hang
+        threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True).start()
 
     def _read(self):
         for line in self.proc.stderr:
@@ -873,8 +877,17 @@ class _Cli:
         os.killpg(self.proc.pid, signal.SIGINT)
 
     def finish(self, timeout: float = 120) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.proc.stdout.close()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # A run that does not stop is a failure to diagnose, not a pytest timeout: take every
+            # thread's Python stack (faulthandler, in the driver), then kill the whole group.
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(2)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"still running {timeout} s after Ctrl-C; its stacks and stderr:\n"
+                                 f"{''.join(self.err)[-6000:]}") from None
         return code
 
 
