@@ -814,6 +814,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_over(trained, tmp_p
 # interrupt the write itself.
 DRIVER = r"""
 import faulthandler, os, signal, sys, time
+# A foreground command in a terminal starts with SIGINT at its default; a test run launched in the
+# background inherits it ignored (POSIX shells do that to background jobs) and would lose the Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks before killing a hung run
 import torch
 real = torch.save
@@ -1102,3 +1105,20 @@ def test_a_torn_inference_cache_is_recomputed(tmp_path):
     assert _read_cache(cache) == {}
     cache.write_text('{"merge": 91.5}')
     assert _read_cache(cache) == {"merge": 91.5}
+
+
+def test_an_ignored_sigint_stays_ignored_during_training():
+    """A shell starts background jobs with SIGINT ignored, so that a Ctrl-C meant for the foreground
+    job spares them; training must not re-arm it (and must restore whatever it found)."""
+    from surgeon.train.trainer import _graceful_sigint
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _graceful_sigint() as flag:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and flag == {"stop": False}
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _graceful_sigint():  # the usual case: the first Ctrl-C is caught
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

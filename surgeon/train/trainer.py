@@ -96,7 +96,9 @@ def _graceful_sigint():
     """While active (main thread only), the first SIGINT only sets ``flag["stop"]``; the
     default handler is back for the next one, which raises KeyboardInterrupt at once."""
     flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Not ours to catch: off the main thread, or SIGINT is ignored on purpose (a shell starts
+        # background jobs that way, so that a Ctrl-C meant for the foreground job spares them).
         yield flag
         return
 
