@@ -817,6 +817,7 @@ import faulthandler, os, signal, sys, time
 # A foreground command in a terminal starts with SIGINT at its default; a test run launched in the
 # background inherits it ignored (POSIX shells do that to background jobs) and would lose the Ctrl-C.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked mask is inherited likewise
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks before killing a hung run
 import torch
 real = torch.save
