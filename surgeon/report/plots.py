@@ -25,8 +25,7 @@ NAMED_TICKS_MAX_CLASSES = 40
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)  # atomic_write creates the folder
     FigureCanvasAgg(fig)
     # Every figure uses the constrained layout, so no bbox_inches="tight" (a second full draw).
     # No software metadata: the same run gives byte-identical plots. Written atomically, so an

@@ -168,7 +168,7 @@ def apply_surgery(model: nn.Module, rules: tuple[Rule, ...] | list[Rule], *, see
             # the rest still applies, but the user must hear that half of it did not.
             entry["unmatched"] = unmatched[i]
             warnings.warn(f"{where}: target {sel}: {'; '.join(unmatched[i])}; only the rest of the target is "
-                          f"patched ({describe_matches(found)})", SurgeonWarning, stacklevel=2)
+                          f"patched ({entry['resolved']})", SurgeonWarning, stacklevel=2)
         plan_matches.append(entry)
         rows = {m.name: m.rows for m in found if m.rows}
         matches = [(m.name, m.module) for m in found]
